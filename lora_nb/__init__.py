@@ -1,0 +1,1 @@
+"""lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read."""
