@@ -1,0 +1,153 @@
+"""Putting LoRA layers into a model and taking them out again.
+
+Targets are chosen exactly as peft's ``LoraConfig(target_modules=...)`` chooses them, so a config written
+for diffusers/peft selects the same layers here: a list entry matches a qualified module name equal to it
+or ending in "." + entry; a single string is a regex that must match the whole name.
+"""
+
+import re
+
+from torch import nn
+
+from .layers import LoRALinear
+
+# diffusers' default in examples/text_to_image/train_text_to_image_lora.py: self- and cross-attention.
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# Cross-attention only (attn2): the layers that read the text embedding.
+UNET_CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
+UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+Targets = str | list[str]
+
+
+def matches(name: str, targets: Targets) -> bool:
+    """Whether the qualified module ``name`` is selected by ``targets`` (peft's rule)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _short_name(name: str) -> str:
+    """The shortest list entry selecting ``name``'s kind of layer: "to_q", or "to_out.0" (not just "0")."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def find_targets(model: nn.Module, target_modules: Targets) -> list[str]:
+    """Names of the nn.Linear layers ``target_modules`` selects; raises if any entry selects none."""
+    wrapped = lora_layers(model)
+    # The Linears inside a LoRALinear (base, lora_A, lora_B) are never targets themselves.
+    linears = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(name.startswith(w + ".") for w in wrapped)
+    ]
+    already = [name for name in wrapped if matches(name, target_modules)]
+    if already:
+        raise ValueError(f"{already[0]} already has LoRA; call remove_lora() first or choose other targets")
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    if not entries:
+        raise ValueError("target_modules is empty")
+    for entry in entries:
+        spec = entry if isinstance(target_modules, str) else [entry]
+        if not any(matches(name, spec) for name in linears):
+            raise ValueError(
+                f"target {entry!r} matches no nn.Linear in {type(model).__name__}; its Linear layers end in: "
+                + ", ".join(sorted({_short_name(name) for name in linears}))
+            )
+    return [name for name in linears if matches(name, target_modules)]
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at qualified ``name`` (e.g. "mid_block.attentions.0.to_out.0") to ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: Targets,
+    rank: int = 4,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    init: str = "kaiming",
+) -> list[str]:
+    """Wrap each targeted nn.Linear in a LoRALinear and freeze everything but the LoRA factors.
+
+    Returns the wrapped names. Everything is checked and built before the first layer is swapped, so an error
+    leaves the model as it was.
+    """
+    names = find_targets(model, target_modules)
+    new = {name: LoRALinear(model.get_submodule(name), rank, alpha, dropout, init) for name in names}
+    for name, layer in new.items():
+        replace_module(model, name, layer)
+    freeze_all_but_lora(model)
+    return names
+
+
+def freeze_all_but_lora(model: nn.Module) -> None:
+    """Make the LoRA factors (of every LoRA layer, old and new) the only parameters that train."""
+    model.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+
+
+def remove_lora(model: nn.Module) -> list[str]:
+    """Put the original nn.Linear layers back (unmerging first); returns their names. Parameters stay frozen."""
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        if layer.merged:
+            layer.unmerge()
+        replace_module(model, name, layer.base)
+    return list(layers)
+
+
+def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers; call inject_lora() first")
+    return layers
+
+
+def set_lora_scale(model: nn.Module, scale: float) -> None:
+    """Set the runtime ``scale`` of every LoRA layer (0.0 switches LoRA off exactly)."""
+    layers = _require_lora(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("LoRA is merged, so a new scale would have no effect; unmerge_lora() first")
+    for layer in layers.values():
+        layer.scale = float(scale)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (for fast inference)."""
+    layers = _require_lora(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("LoRA is already merged")
+    for layer in layers.values():
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Restore every base weight exactly as it was before merge_lora()."""
+    layers = _require_lora(model)
+    if not all(layer.merged for layer in layers.values()):
+        raise RuntimeError("LoRA is not merged")
+    for layer in layers.values():
+        layer.unmerge()
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA factors, as a list: a generator would be used up by the optimizer, leaving e.g. clipping nothing."""
+    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
