@@ -1,0 +1,96 @@
+"""Run the course: every notebook through papermill, in order, then HTML pages and an index to browse.
+
+    python -m lora_nb.course --out outputs/course          # the whole course, embedded default
+    python -m lora_nb.course --out out --only 03 -p max_train_steps 50
+
+Each notebook gets its own `output_dir` parameter (a folder under `--out`) for the figures and files it
+writes. A failing cell is reported with its notebook and cell number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import time
+from pathlib import Path
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    pass
+
+
+def course_notebooks(only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks `NN-topic.ipynb`, in order; `only` keeps those whose name starts with a prefix."""
+    found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]-*.ipynb"))
+    return [nb for nb in found if not only or any(nb.name.startswith(p) for p in only)]
+
+
+def run_notebook(notebook: Path, out: Path, parameters: dict | None = None) -> Path:
+    """Execute `notebook` with papermill into `out/<name>`; its `output_dir` parameter is `out/<stem>`."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / notebook.name
+    parameters = {"output_dir": str((out / notebook.stem).resolve()), **(parameters or {})}
+    try:
+        papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
+                                   progress_bar=False, kernel_name="python3")
+    except PapermillExecutionError as error:
+        raise NotebookFailed(f"{notebook.name}: cell {error.exec_count} (index {error.cell_index}) failed: "
+                             f"{error.ename}: {error.evalue}") from None
+    return executed
+
+
+def to_html(executed: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(executed))
+    page = executed.with_suffix(".html")
+    page.write_text(body, encoding="utf-8")
+    return page
+
+
+def write_index(out: Path, pages: list[tuple[Path, float]]) -> Path:
+    items = "\n".join(f'<li><a href="{html.escape(p.name)}">{html.escape(p.stem)}</a> ({seconds:.0f} s)</li>'
+                      for p, seconds in pages)
+    index = out / "index.html"
+    index.write_text(f"<!doctype html>\n<meta charset='utf-8'>\n<title>lora_nb course</title>\n"
+                     f"<h1>lora_nb: LoRA fine-tuning of Stable Diffusion</h1>\n<ol>\n{items}\n</ol>\n")
+    return index
+
+
+def run_course(out: Path, only: list[str] | None = None, parameters: dict | None = None) -> Path:
+    pages = []
+    for notebook in course_notebooks(only):
+        start = time.time()
+        print(f"running {notebook.name} ...", flush=True)
+        executed = run_notebook(notebook, out, parameters)
+        pages.append((to_html(executed), time.time() - start))
+        print(f"  done in {pages[-1][1]:.0f} s -> {pages[-1][0]}", flush=True)
+    return write_index(out, pages)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("outputs/course"))
+    parser.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 01 03")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a papermill parameter for every notebook (value read as Python literal if it can be)")
+    args = parser.parse_args(argv)
+    import ast
+
+    parameters = {}
+    for name, value in args.parameter:
+        try:
+            parameters[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parameters[name] = value
+    index = run_course(args.out, args.only, parameters)
+    print(f"course written: {index}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Put a trained adapter on an unmodified base pipeline, as the blog's inference section does.
+
+    pipe = load_lora_pipeline("sd-model-finetuned-lora")       # base model read from the adapter's card
+    image = pipe("Green pokemon with menacing face", num_inference_steps=25).images[0]
+    pipe.lora.set_scale(0.5); pipe.lora.fuse(); pipe.lora.unfuse(); pipe.lora.remove()
+
+The blog loaded with `pipe.unet.load_attn_procs(path)`, which current diffusers no longer uses for LoRA;
+diffusers' own call today is `pipe.load_lora_weights(path)`. This loader reads the same files without
+peft, with lora_nb's layers, and leaves the base weights untouched until you fuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+from .formats import WEIGHT_NAME, load_lora_weights, read_lora_file
+from .inject import lora_layers, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+
+
+def _adapter_file(path: str | Path) -> Path:
+    """The weights file for a folder, a file, or a hub repo id (downloaded)."""
+    local = Path(path)
+    if local.is_file():
+        return local
+    if local.is_dir():
+        if not (local / WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"no {WEIGHT_NAME} in adapter folder {local}")
+        return local / WEIGHT_NAME
+    if str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise FileNotFoundError(f"adapter not found: {path} (neither a local path nor a hub id 'owner/name')")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(str(path), WEIGHT_NAME))
+
+
+def base_model_from_card(adapter_file: Path, repo_id: str | None = None) -> str | None:
+    """The `base_model` in the adapter's model card (README.md beside the weights, or on the hub)."""
+    from huggingface_hub import ModelCard
+
+    card_path = adapter_file.parent / "README.md"
+    if card_path.is_file():
+        card = ModelCard.load(card_path)
+    elif repo_id:
+        card = ModelCard.load(repo_id)
+    else:
+        return None
+    base = card.data.get("base_model")
+    return base[0] if isinstance(base, list) else base
+
+
+@dataclass
+class PipelineLoRA:
+    """The adapter on a pipeline: scale it, fuse it into the weights, unfuse, or remove it."""
+
+    pipe: StableDiffusionPipeline
+    path: Path
+    base_model: str
+    fused: bool = False
+
+    def _models(self):
+        return [m for m in (self.pipe.unet, self.pipe.text_encoder) if lora_layers(m)]
+
+    def set_scale(self, scale: float) -> None:
+        """0 gives the base model exactly; 1 the adapter as trained. Unfuse first if fused."""
+        if self.fused:
+            raise RuntimeError("the adapter is fused into the weights: unfuse() before changing its scale")
+        for model in self._models():
+            set_lora_scale(model, scale)
+
+    def fuse(self) -> None:
+        """Fold the adapter into the base weights: no extra cost per step; unfuse() restores them bit-exactly."""
+        for model in self._models():
+            merge_lora(model)
+        self.fused = True
+
+    def unfuse(self) -> None:
+        for model in self._models():
+            unmerge_lora(model)
+        self.fused = False
+
+    def remove(self) -> None:
+        """Back to the base pipeline: the original layers and weights, as loaded."""
+        for model in self._models():
+            remove_lora(model)
+        self.fused = False
+
+
+def load_lora_pipeline(
+    path: str | Path,
+    base_model: str | None = None,
+    scale: float = 1.0,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    fast_scheduler: bool = True,
+) -> StableDiffusionPipeline:
+    """Base pipeline (from `base_model`, else the adapter card's) with the adapter at `path` put on it.
+
+    `path` is an adapter folder, a weights file, or a hub repo id. The returned pipeline carries
+    `pipe.lora` (a PipelineLoRA) for scale, fuse, unfuse and remove.
+    """
+    adapter_file = _adapter_file(path)
+    repo_id = None if Path(path).exists() else str(path)
+    base_model = base_model or base_model_from_card(adapter_file, repo_id)
+    if not base_model:
+        raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
+    tensors, _ = read_lora_file(adapter_file)  # check the file before the (possibly large) base loads
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+    if fast_scheduler:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    has_text = any(k.startswith("text_encoder.") for k in tensors)
+    load_lora_weights(adapter_file, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
+    if device is not None:
+        pipe.to(device)
+    pipe.lora = PipelineLoRA(pipe, adapter_file, base_model)
+    pipe.lora.set_scale(scale)
+    return pipe

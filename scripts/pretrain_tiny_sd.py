@@ -1,0 +1,236 @@
+"""Pretrain the embedded tiny Stable Diffusion on the shapes world and export it to data/tiny-sd.
+
+    python scripts/pretrain_tiny_sd.py --work pretrain-work            # resumes from pretrain-work/ if there
+    python scripts/pretrain_tiny_sd.py --work pretrain-work --export-only
+
+Two stages, as Stable Diffusion was made: first the VAE learns to compress 32x32 images to 4x16x16
+latents (on shapes, creatures and the subject, since it stays frozen in every later fine-tune); then the
+UNet and the text encoder learn together to denoise latents of captioned shapes. Creatures and the subject
+never reach stage two: they are what the course's LoRAs teach. Checkpoints are written atomically every
+`--checkpoint-every` steps, so the run can be stopped and resumed at any time; the exported pipeline uses
+the exponential moving average of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard
+
+from lora_nb.objective import denoising_loss
+from lora_nb.synthetic import draw_creature_sample, draw_shape_sample, draw_subject_sample, shape_caption
+from lora_nb.tiny import TINY_SD_PATH, build_untrained_pipeline
+
+POOL_FIRST_SEED = 1_000_000  # far from the shipped sets' seeds, which stay held out
+VAE_FIRST_SEED = 2_000_000
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (batch, 3, h, w) in [-1, 1], as the VAE takes them."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def vae_batch(step: int, batch_size: int) -> torch.Tensor:
+    rng = random.Random(VAE_FIRST_SEED + step)
+    draws = rng.choices([draw_shape_sample, draw_creature_sample, draw_subject_sample], [6, 3, 1], k=batch_size)
+    return to_tensor([draw(rng.randrange(10**9)).image for draw in draws])
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def train_vae(pipe, work: Path, args) -> None:
+    ckpt = work / "vae.pt"
+    vae = pipe.vae
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    vae.train()
+    start = time.time()
+    while step < args.vae_steps:
+        images = vae_batch(step, args.batch_size)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        mse = F.mse_loss(reconstruction, images)
+        loss = mse + F.l1_loss(reconstruction, images) + args.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            print(f"vae step {step} mse {mse.item():.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
+            start = time.time()
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt)
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, list[dict], float]:
+    """Latent means of `size` shape images, their attributes, and the scaling factor giving unit variance."""
+    attributes, latents = [], []
+    for first in range(0, size, batch_size):
+        samples = [draw_shape_sample(POOL_FIRST_SEED + i) for i in range(first, min(size, first + batch_size))]
+        attributes += [s.attributes for s in samples]
+        latents.append(pipe.vae.encode(to_tensor([s.image for s in samples])).latent_dist.mean)
+    latents = torch.cat(latents)
+    return latents, attributes, float(1.0 / latents.std())
+
+
+def train_denoiser(pipe, work: Path, args) -> None:
+    pool_path, ckpt = work / "pool.pt", work / "denoiser.pt"
+    if not pool_path.exists():
+        save_atomically(dict(zip(("latents", "attributes", "scaling"), encode_pool(pipe, args.pool_size))), pool_path)
+    pool = torch.load(pool_path, weights_only=False)
+    pipe.vae.register_to_config(scaling_factor=pool["scaling"])
+    latents = pool["latents"] * pool["scaling"]
+
+    unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
+                            (ema_text, "ema_text"), (optimizer, "optimizer")):
+            module.load_state_dict(state[key])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    unet.train()
+    text_encoder.train()
+    losses, start = [], time.time()
+    while step < args.steps:
+        rng = random.Random(step)
+        index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
+        captions = ["" if rng.random() < 0.1 else shape_caption(pool["attributes"][i], rng) for i in index]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        loss = denoising_loss(unet, pipe.scheduler, latents[index], text_encoder(ids)[0],
+                              snr_gamma=args.snr_gamma, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"unet step {step} loss {np.mean(losses):.4f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
+            losses, start = [], time.time()
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            save_atomically({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                             "step": step}, ckpt)
+
+
+CARD = """\
+# tiny-sd: the lora_nb course's embedded Stable Diffusion
+
+A {params:.1f} M-parameter model with Stable Diffusion 1.5's architecture and module names, made so the
+course runs offline on a CPU in seconds. It draws coloured shapes (circle, square, triangle, star; red,
+green, blue, yellow, purple, orange; small/medium/large; left/right/top/bottom; white/black/gray
+backgrounds) at {size}x{size} px from prompts such as "a red circle" or "a large blue star on the left".
+
+| part | class | parameters |
+| --- | --- | --- |
+| UNet | `UNet2DConditionModel`, blocks {unet_blocks}, cross-attention width {cross} | {unet:,} |
+| VAE | `AutoencoderKL`, blocks {vae_blocks}, 4 latent channels, latent = image / 2 | {vae:,} |
+| text encoder | `CLIPTextModel`, {layers} layers, width {cross} | {text:,} |
+| tokenizer | `CLIPTokenizer`, byte-level BPE with one token per caption word, {vocab} tokens | |
+
+How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
+{vae_steps} steps on shapes, creatures and the DreamBooth subject, then the UNet and the text encoder
+together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr}, 10% empty captions for
+classifier-free guidance, EMA {ema}) on a pool of {pool} shape images; this export uses the EMA weights.
+It has never seen the creatures' style or the subject in a caption: those are what the course's LoRAs teach.
+"""
+
+
+def export(pipe, work: Path, out: Path, args) -> None:
+    state = torch.load(work / "denoiser.pt", weights_only=False)
+    pipe.unet.load_state_dict(state["ema_unet"])
+    pipe.text_encoder.load_state_dict(state["ema_text"])
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.save_pretrained(tmp)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    card = ModelCard(CARD.format(
+        params=(count(pipe.unet) + count(pipe.vae) + count(pipe.text_encoder)) / 1e6,
+        size=pipe.vae.config.sample_size, unet_blocks=tuple(pipe.unet.config.block_out_channels),
+        vae_blocks=tuple(pipe.vae.config.block_out_channels), cross=pipe.unet.config.cross_attention_dim,
+        layers=pipe.text_encoder.config.num_hidden_layers, unet=count(pipe.unet), vae=count(pipe.vae),
+        text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), vae_steps=args.vae_steps,
+        steps=state["step"], batch=args.batch_size, lr=args.lr, snr=args.snr_gamma, ema=args.ema_decay,
+        pool=args.pool_size,
+    ))
+    card.data.library_name = "diffusers"
+    card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
+    card.save(tmp / "README.md")
+    # Swap folders so a reader never sees a half-written pipeline.
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"exported step {state['step']} to {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("pretrain-work"))
+    parser.add_argument("--out", type=Path, default=TINY_SD_PATH)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--snr-gamma", type=float, default=5.0)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--pool-size", type=int, default=40_000)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--export-only", action="store_true", help="export the last checkpoint and stop")
+    args = parser.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    pipe = build_untrained_pipeline(seed=0)
+    if not args.export_only:
+        train_vae(pipe, args.work, args)
+        train_denoiser(pipe, args.work, args)
+    else:
+        pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=False)["vae"])
+        pipe.vae.register_to_config(scaling_factor=torch.load(args.work / "pool.pt", weights_only=False)["scaling"])
+    export(pipe, args.work, args.out, args)
+
+
+if __name__ == "__main__":
+    main()
