@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from diffusers import (
     AutoencoderKL,
@@ -41,7 +42,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .data import ImageTransform, load_captioned_dataset, tokenize
 from .formats import WEIGHT_NAME, load_lora_weights, save_lora_weights
-from .inject import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, inject_lora, lora_parameters
+from .inject import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, find_targets, inject_lora, lora_parameters
 from .objective import denoising_loss
 from .tiny import TINY_SD_PATH
 
@@ -72,6 +73,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
+    finetune: str = "lora"  # "lora", or "full": train the target layers' own weights (the reference)
     rank: int = 4
     lora_alpha: float | None = None  # None: = rank, so the adapter's scale alpha/r is 1
     lora_dropout: float = 0.0
@@ -81,7 +83,7 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     prediction_type: str | None = None
-    mixed_precision: str | None = None  # "no", "fp16", "bf16"
+    mixed_precision: str | None = None  # "no", "fp16", "bf16", or "auto"
     gradient_checkpointing: bool = False
     allow_tf32: bool = False
     cache_latents: bool | None = None  # None: whenever the augmentations allow it
@@ -110,6 +112,8 @@ class TrainResult:
     losses: list[float]  # one per optimiser step (mean over its micro-batches and processes)
     lrs: list[float]
     global_step: int
+    unet: UNet2DConditionModel  # the trained model, LoRA layers in place
+    text_encoder: CLIPTextModel
     validation_images: list = field(default_factory=list)
 
 
@@ -130,8 +134,10 @@ def check_config(config: TrainConfig, needs_data: bool = True) -> None:
         raise ValueError(f"unknown --lr_scheduler {config.lr_scheduler!r}; choose one of: {names}") from None
     if config.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"unknown --prediction_type {config.prediction_type!r}: use epsilon or v_prediction")
-    if config.mixed_precision not in (None, "no", "fp16", "bf16"):
-        raise ValueError(f"unknown --mixed_precision {config.mixed_precision!r}: use no, fp16 or bf16")
+    if config.finetune not in ("lora", "full"):
+        raise ValueError(f"unknown --finetune {config.finetune!r}: use lora or full")
+    if config.mixed_precision not in (None, "no", "fp16", "bf16", "auto"):
+        raise ValueError(f"unknown --mixed_precision {config.mixed_precision!r}: use no, fp16, bf16 or auto")
     if config.push_to_hub:
         check_hub(config)
     if config.report_to in ("wandb", "all"):
@@ -161,6 +167,17 @@ def check_wandb() -> None:
                            "or set WANDB_MODE=offline to log locally")
 
 
+def auto_mixed_precision() -> str:
+    """bf16 where the GPU computes in it (compute capability 8.0+), fp16 on older GPUs, none on a CPU.
+
+    Decided by compute capability: a T4 (7.5) has no bf16 units, although torch.cuda.is_bf16_supported()
+    may say True there (it emulates).
+    """
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
+
+
 def native_resolution(unet_config: dict, vae_config: dict) -> int:
     return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
@@ -187,13 +204,13 @@ def load_components(path: str, dtype: torch.dtype, device) -> Components:
     """The frozen pipeline parts, in the training dtype; LoRA factors added later stay fp32."""
     parts = Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
     for model in (parts.text_encoder, parts.vae, parts.unet):
-        model.requires_grad_(False).to(device, dtype=dtype)
+        model.requires_grad_(False).to(device)
     return parts
 
 
@@ -340,6 +357,15 @@ def save_unwrapped_lora(folder: Path, parts: Components, accelerator) -> Path:
     )
 
 
+def full_finetune_parameters(unet: UNet2DConditionModel, target_modules) -> list[torch.nn.Parameter]:
+    """The target layers' own weights and biases, made trainable and fp32 (the full fine-tune reference)."""
+    params = []
+    for name in find_targets(unet, target_modules):
+        layer = unet.get_submodule(name).float()
+        params += [p.requires_grad_(True) for p in layer.parameters()]
+    return params
+
+
 def has_lora(model) -> bool:
     return bool(lora_parameters(model))
 
@@ -449,9 +475,12 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     """Fine-tune LoRA layers on `config`'s data (or on `dataset`, a ready CaptionedImages-like set)."""
     check_config(config, needs_data=dataset is None)
     output_dir = Path(config.output_dir)
+    # accelerate keeps one global state per process; a notebook that trains twice (say fp32, then bf16)
+    # needs it cleared. The process group (PartialState) stays, so multi-process runs are unaffected.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=auto_mixed_precision() if config.mixed_precision == "auto" else config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
@@ -470,18 +499,23 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
         dataset = load_training_set(config, resolution, seed)
 
     resume_from = find_resume_checkpoint(config)
-    torch.manual_seed(seed)  # the A factors' initialisation
-    if resume_from:
-        load_lora_weights(resume_from, unet=parts.unet,
-                          text_encoder=parts.text_encoder if config.train_text_encoder else None)
+    if config.finetune == "full":
+        if resume_from:
+            raise ValueError("--resume_from_checkpoint is for LoRA runs; a full fine-tune is the short reference")
+        params = full_finetune_parameters(parts.unet, config.target_modules)
     else:
-        inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
-        if config.train_text_encoder:
-            inject_lora(parts.text_encoder, config.text_encoder_target_modules, config.rank,
-                        config.lora_alpha, config.lora_dropout)
-    params = lora_parameters(parts.unet) + lora_parameters(parts.text_encoder)
-    for p in params:
-        p.requires_grad_(True)
+        torch.manual_seed(seed)  # the A factors' initialisation
+        if resume_from:
+            load_lora_weights(resume_from, unet=parts.unet,
+                              text_encoder=parts.text_encoder if config.train_text_encoder else None)
+        else:
+            inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
+            if config.train_text_encoder:
+                inject_lora(parts.text_encoder, config.text_encoder_target_modules, config.rank,
+                            config.lora_alpha, config.lora_dropout)
+        params = lora_parameters(parts.unet) + lora_parameters(parts.text_encoder)
+        for p in params:
+            p.requires_grad_(True)
     if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -590,13 +624,19 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     progress.close()
 
     accelerator.wait_for_everyone()
+    unet, text_encoder = accelerator.unwrap_model(parts.unet), accelerator.unwrap_model(parts.text_encoder)
     lora_path = output_dir / WEIGHT_NAME
     if accelerator.is_main_process:
-        lora_path = save_unwrapped_lora(output_dir, parts, accelerator)
+        if config.finetune == "full":
+            lora_path = output_dir / "unet"
+            unet.save_pretrained(lora_path)
+        else:
+            lora_path = save_unwrapped_lora(output_dir, parts, accelerator)
         if config.validation_prompt:
             validation_images = validate(config, parts, accelerator, global_step, tag="test")
-    result = TrainResult(output_dir, lora_path, history["losses"], history["lrs"], global_step, validation_images)
-    if accelerator.is_main_process:
+    result = TrainResult(output_dir, lora_path, history["losses"], history["lrs"], global_step, unet,
+                         text_encoder, validation_images)
+    if accelerator.is_main_process and config.finetune == "lora":
         write_model_card(config, result, validation_images)
         if config.push_to_hub:
             from huggingface_hub import upload_folder
