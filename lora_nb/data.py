@@ -58,11 +58,14 @@ def check_imagefolder(folder: str | Path, caption_column: str = "text") -> list[
 
 
 def load_captioned_dataset(name_or_folder: str | Path, image_column: str = "image", caption_column: str = "text",
-                           split: str = "train", cache_dir: str | None = None):
-    """A `datasets.Dataset` of images and captions, from a local imagefolder or a hub data set id."""
+                           split: str = "train", cache_dir: str | None = None, local: bool = False):
+    """A `datasets.Dataset` of images and captions, from a local imagefolder or a hub data set id.
+
+    A path that exists (or any path, with `local=True`) is read as an imagefolder and checked first.
+    """
     from datasets import load_dataset
 
-    if Path(name_or_folder).exists():
+    if local or Path(name_or_folder).exists():
         check_imagefolder(name_or_folder, caption_column)
         dataset = load_dataset("imagefolder", data_dir=str(name_or_folder), split=split, cache_dir=cache_dir)
     else:

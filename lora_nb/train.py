@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .data import ImageTransform, load_captioned_dataset, tokenize
-from .formats import WEIGHT_NAME, load_lora_weights, save_lora_weights
+from .formats import WEIGHT_NAME, read_lora_file, save_lora_weights
 from .inject import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, find_targets, inject_lora, lora_parameters
 from .objective import denoising_loss
 from .tiny import TINY_SD_PATH
@@ -289,8 +289,10 @@ def collate(items: list[list[dict]]) -> dict:
 
 
 def load_training_set(config: TrainConfig, resolution: int, seed: int) -> CaptionedImages:
-    source = config.train_data_dir or config.dataset_name
-    dataset = load_captioned_dataset(source, config.image_column, config.caption_column)
+    if config.train_data_dir:  # always a local folder, as in diffusers
+        dataset = load_captioned_dataset(config.train_data_dir, config.image_column, config.caption_column, local=True)
+    else:
+        dataset = load_captioned_dataset(config.dataset_name, config.image_column, config.caption_column)
     if config.max_train_samples:
         dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
     transform = ImageTransform(resolution, config.center_crop, config.random_flip)
@@ -368,6 +370,21 @@ def full_finetune_parameters(unet: UNet2DConditionModel, target_modules) -> list
 
 def has_lora(model) -> bool:
     return bool(lora_parameters(model))
+
+
+def restore_lora(checkpoint: Path, unet, text_encoder=None) -> None:
+    """Copy a checkpoint's factors into the freshly injected layers (same targets, rank, dropout)."""
+    tensors, _ = read_lora_file(checkpoint)
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        state = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+        wanted = {k for k in model.state_dict() if ".lora_" in k}
+        if set(state) != wanted:
+            odd = sorted(set(state) ^ wanted)[:3]
+            raise ValueError(f"checkpoint {checkpoint} does not match this run's {prefix} LoRA layers "
+                             f"(first differing keys: {odd}); resume with the same targets and rank")
+        model.load_state_dict(state, strict=False)
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
@@ -479,6 +496,8 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     # needs it cleared. The process group (PartialState) stays, so multi-process runs are unaffected.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
+        # accelerate reads several CPU processes (torchrun without GPUs) as MULTI_CPU only when told cpu=True.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=auto_mixed_precision() if config.mixed_precision == "auto" else config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -492,11 +511,13 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    parts = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
-    resolution = config.resolution or native_resolution(parts.unet.config, parts.vae.config)
-    check_resolution(resolution, parts.vae.config)
+    unet_config = UNet2DConditionModel.load_config(config.pretrained_model_name_or_path, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae")
+    resolution = config.resolution or native_resolution(unet_config, vae_config)
+    check_resolution(resolution, vae_config)
     if dataset is None:
         dataset = load_training_set(config, resolution, seed)
+    parts = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
 
     resume_from = find_resume_checkpoint(config)
     if config.finetune == "full":
@@ -505,17 +526,13 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
         params = full_finetune_parameters(parts.unet, config.target_modules)
     else:
         torch.manual_seed(seed)  # the A factors' initialisation
+        inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
+        if config.train_text_encoder:
+            inject_lora(parts.text_encoder, config.text_encoder_target_modules, config.rank,
+                        config.lora_alpha, config.lora_dropout)
         if resume_from:
-            load_lora_weights(resume_from, unet=parts.unet,
-                              text_encoder=parts.text_encoder if config.train_text_encoder else None)
-        else:
-            inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
-            if config.train_text_encoder:
-                inject_lora(parts.text_encoder, config.text_encoder_target_modules, config.rank,
-                            config.lora_alpha, config.lora_dropout)
+            restore_lora(resume_from, parts.unet, parts.text_encoder if config.train_text_encoder else None)
         params = lora_parameters(parts.unet) + lora_parameters(parts.text_encoder)
-        for p in params:
-            p.requires_grad_(True)
     if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:

@@ -1,0 +1,66 @@
+"""The embedded tiny Stable Diffusion: SD 1.5's classes and names, offline, small, and it draws."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from lora_nb.evaluate import foreground_mask
+from lora_nb.synthetic import vocabulary
+from lora_nb.tiny import MAX_TOKENS, TINY_SD_PATH, build_tokenizer, learn_bpe_merges, load_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_tiny_pipeline()
+
+
+def test_tokenizer_gives_every_course_word_one_token():
+    tokenizer = build_tokenizer()
+    for word in vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, word
+    assert tokenizer.model_max_length == MAX_TOKENS
+
+
+def test_tokenizer_spells_unknown_words_with_characters():
+    tokenizer = build_tokenizer()
+    tokens = tokenizer.tokenize("a sks star zebra")
+    assert tokens[0] == "a</w>" and "star</w>" in tokens
+    assert "".join(tokens).replace("</w>", " ").split() == ["a", "sks", "star", "zebra"]
+    assert tokenizer.unk_token_id not in tokenizer("qxj zz").input_ids[1:-1]
+
+
+def test_bpe_merges_build_each_word():
+    merges = learn_bpe_merges(["red", "green"])
+    assert ("re", "d</w>") in merges or ("r", "ed</w>") in merges
+    assert len(merges) == len("red") - 1 + len("green") - 1 - 1  # "re" shared: one merge less
+
+
+def test_loads_offline_with_diffusers_itself():
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD_PATH)
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 2
+
+
+def test_sd15_module_names_are_kept(pipe):
+    names = {n for n, _ in pipe.unet.named_modules()}
+    for suffix in ("attn1.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"):
+        assert any(n.endswith(suffix) for n in names), suffix
+    te_names = {n for n, _ in pipe.text_encoder.named_modules()}
+    assert any(n.endswith("self_attn.q_proj") for n in te_names)
+
+
+def test_shipped_size_is_small():
+    total = sum(f.stat().st_size for f in TINY_SD_PATH.rglob("*") if f.is_file())
+    assert total < 15e6
+    assert (TINY_SD_PATH / "README.md").read_text().startswith("---")
+
+
+def test_draws_a_non_degenerate_image(pipe):
+    image = pipe("a large red circle on a white background", num_inference_steps=25,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    array = np.asarray(image, dtype=np.float32)
+    assert image.size == (32, 32) and array.std() > 10  # not a flat or blank picture
+    assert 0.02 < foreground_mask(image).mean() < 0.9  # something stands out from the background
