@@ -1,0 +1,229 @@
+"""How big is a LoRA? Trainable parameters and adapter file size, computed without loading a single weight.
+
+A LoRA of rank r on a Linear layer W: (d_out, d_in) stores A: (r, d_in) and B: (d_out, r), so it adds
+r * (d_in + d_out) numbers. The file holds those numbers plus a safetensors header (JSON naming each tensor,
+its dtype, shape and byte offsets, and the adapter's peft config). The models are built on the meta device:
+every module and shape, no memory. The layers counted are exactly the ones ``inject_lora`` would wrap,
+because the same ``find_targets`` picks them.
+
+    python -m lora_nb.sizes --models sd15 sd21 sdxl --ranks 1 4 16 --targets attention cross-attention
+"""
+
+import argparse
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from . import tiny
+from .formats import METADATA_KEY
+from .inject import (
+    TEXT_ENCODER_ATTENTION,
+    UNET_ATTENTION,
+    UNET_CROSS_ATTENTION,
+    UNET_FEED_FORWARD,
+    Targets,
+    find_targets,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+
+# Each model's parts, by the key prefix diffusers gives their LoRA weights; configs/<model>_<part>.json holds
+# the hub's config.json for that part (the tiny model's come from lora_nb.tiny).
+MODELS = {
+    "tiny": ("unet", "text_encoder"),
+    "sd15": ("unet", "text_encoder"),
+    "sd21": ("unet", "text_encoder"),
+    "sdxl": ("unet", "text_encoder", "text_encoder_2"),
+}
+# Named UNet target sets. With text_encoder=True every text encoder also gets TEXT_ENCODER_ATTENTION.
+TARGETS: dict[str, Targets] = {
+    "attention": UNET_ATTENTION,  # attn1 and attn2: diffusers' default, the blog's setting
+    "cross-attention": UNET_CROSS_ATTENTION,  # attn2 only
+    "attention+ff": UNET_ATTENTION + UNET_FEED_FORWARD,
+}
+_TEXT_ENCODER_CLASSES = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
+
+
+def load_config(model: str, part: str = "unet") -> dict:
+    """The shipped config.json of one part of a model, e.g. ("sd15", "unet")."""
+    return json.loads((CONFIG_DIR / f"{model}_{part}.json").read_text())
+
+
+def build_meta(model: str, part: str = "unet") -> nn.Module:
+    """One part of a named model on the meta device: the real module tree and shapes, no weights."""
+    if model not in MODELS or part not in MODELS[model]:
+        raise ValueError(f"unknown model part {model}/{part}; known: {MODELS}")
+    with torch.device("meta"):  # parameters get shapes but no storage: SDXL costs no memory
+        if model == "tiny":
+            if part == "unet":
+                return UNet2DConditionModel(**tiny.UNET_CONFIG)
+            return tiny.build_text_encoder(tiny.build_tokenizer())
+        config = load_config(model, part)
+        if part == "unet":
+            return UNet2DConditionModel.from_config(config)
+        cls = _TEXT_ENCODER_CLASSES[config["architectures"][0]]  # SDXL's second one has a projection
+        return cls(CLIPTextConfig(**config))
+
+
+def lora_shapes(model: nn.Module, target_modules: Targets) -> dict[str, tuple[int, int]]:
+    """{layer name: (d_out, d_in)} for every nn.Linear ``inject_lora(model, target_modules)`` would wrap."""
+    shapes = {}
+    for name in find_targets(model, target_modules):
+        layer = model.get_submodule(name)
+        shapes[name] = (layer.out_features, layer.in_features)
+    return shapes
+
+
+def safetensors_header_bytes(
+    shapes: Mapping[str, tuple[int, ...]], dtype: str, metadata: Mapping[str, str]
+) -> int:
+    """Bytes before the tensor data of a safetensors file holding ``shapes`` (all of one dtype).
+
+    The format: an 8-byte little-endian length, then compact JSON {"__metadata__": {...}, key: {"dtype",
+    "shape", "data_offsets"}, ...}, padded with spaces to a multiple of 8. Tensors of one dtype are laid out
+    in key order, which fixes the offsets (and so the digits they take).
+    """
+    entries, offset = {}, 0
+    for key in sorted(shapes):
+        end = offset + math.prod(shapes[key]) * BYTES[dtype]
+        entries[key] = {
+            "dtype": SAFETENSORS_DTYPE[dtype],
+            "shape": list(shapes[key]),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    header = json.dumps(
+        {"__metadata__": dict(metadata), **entries}, separators=(",", ":"), ensure_ascii=False
+    )
+    n = len(header.encode())
+    return 8 + n + (-n) % 8
+
+
+@dataclass
+class AdapterSize:
+    layers: int  # Linear layers wrapped
+    lora_params: int  # trainable parameters: sum of r * (d_in + d_out)
+    file_bytes: int  # the .safetensors file save_lora_weights writes, header and metadata included
+    base_params: int  # every parameter of the models the adapter attaches to
+    base_bytes: int  # base_params at the same dtype
+
+    @property
+    def ratio(self) -> float:
+        """Adapter file size / base model size."""
+        return self.file_bytes / self.base_bytes
+
+
+def adapter_size(
+    parts: Mapping[str, tuple[nn.Module, Targets]], rank: int, dtype: str = "fp32", alpha: float | None = None
+) -> AdapterSize:
+    """Size of a rank-``rank`` LoRA on ``parts``: {key prefix: (model, target_modules)}, real or meta models.
+
+    E.g. ``adapter_size({"unet": (pipe.unet, UNET_ATTENTION)}, rank=4)``. The file size is exact for the file
+    ``formats.save_lora_weights`` writes: tensors at ``dtype`` (lora_nb itself saves fp32), and the header
+    with its peft-config metadata. Nothing is changed or allocated.
+    """
+    if dtype not in BYTES:
+        raise ValueError(f"dtype must be one of {list(BYTES)}, got {dtype!r}")
+    shapes, config, base_params = {}, {}, 0
+    for prefix, (model, target_modules) in parts.items():
+        layers = lora_shapes(model, target_modules)
+        for name, (d_out, d_in) in layers.items():
+            shapes[f"{prefix}.{name}.lora_A.weight"] = (rank, d_in)  # A: (r, d_in)
+            shapes[f"{prefix}.{name}.lora_B.weight"] = (d_out, rank)  # B: (d_out, r)
+        # What formats.lora_config records for one rank and alpha (LoRALinear keeps alpha as a float).
+        lora_config = {
+            "r": rank,
+            "lora_alpha": float(rank if alpha is None else alpha),
+            "target_modules": sorted(layers),
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+        config |= {f"{prefix}.{key}": value for key, value in lora_config.items()}
+        base_params += sum(p.numel() for p in model.parameters())
+    lora_params = sum(math.prod(shape) for shape in shapes.values())
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}
+    return AdapterSize(
+        layers=len(shapes) // 2,
+        lora_params=lora_params,
+        file_bytes=safetensors_header_bytes(shapes, dtype, metadata) + lora_params * BYTES[dtype],
+        base_params=base_params,
+        base_bytes=base_params * BYTES[dtype],
+    )
+
+
+def size_table(
+    models: Sequence[str] = ("sd15",),
+    targets: Sequence[str] = ("attention",),
+    ranks: Sequence[int] = (4,),
+    dtypes: Sequence[str] = ("fp32",),
+    text_encoder: bool = False,
+) -> list[dict]:
+    """One row per model x targets x rank x dtype, for a table. MB = 10^6 bytes, as the hub counts them.
+
+    The base is the UNet (plus the text encoders with ``text_encoder=True``) stored at the same dtype.
+    """
+    rows = []
+    for name in models:
+        parts = {"unet": build_meta(name, "unet")}
+        if text_encoder:
+            parts |= {part: build_meta(name, part) for part in MODELS[name] if part != "unet"}
+        for target_name in targets:
+            chosen = {
+                part: (model, TARGETS[target_name] if part == "unet" else TEXT_ENCODER_ATTENTION)
+                for part, model in parts.items()
+            }
+            for rank in ranks:
+                for dtype in dtypes:
+                    size = adapter_size(chosen, rank, dtype)
+                    rows.append(
+                        {
+                            "model": name,
+                            "targets": target_name + (" + text encoder" if text_encoder else ""),
+                            "rank": rank,
+                            "dtype": dtype,
+                            "layers": size.layers,
+                            "lora_params": size.lora_params,
+                            "file_mb": size.file_bytes / 1e6,
+                            "base_mb": size.base_bytes / 1e6,
+                            "ratio": size.ratio,
+                        }
+                    )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| model | targets | rank | dtype | layers | LoRA params | file MB | base MB | file / base |"
+    lines = [header, "|---|---|--:|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['targets']} | {r['rank']} | {r['dtype']} | {r['layers']} "
+            f"| {r['lora_params']:,} "
+            f"| {r['file_mb']:.2f} | {r['base_mb']:,.0f} | {r['ratio']:.3%} (1/{1 / r['ratio']:,.0f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["sd15"], choices=list(MODELS))
+    parser.add_argument("--targets", nargs="+", default=["attention"], choices=list(TARGETS))
+    parser.add_argument("--ranks", nargs="+", type=int, default=[4])
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(BYTES))
+    parser.add_argument(
+        "--text-encoder", action="store_true", help="also LoRA on the text encoders' attention"
+    )
+    args = parser.parse_args(argv)
+    print(markdown_table(size_table(args.models, args.targets, args.ranks, args.dtype, args.text_encoder)))
+
+
+if __name__ == "__main__":
+    main()
