@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: execute the whole course on the embedded default; executed notebooks, figures and HTML
-# (with index.html) go to outputs/course, or to the folder given as the first argument.
+# The main job: execute the whole course on the embedded default. Executed notebooks, their figures, HTML
+# pages and index.html go to outputs/course (or to the folder given as the first argument).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-python -m lora_nb.course --out "${1:-outputs/course}"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/env.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+exec .venv/bin/python -m lora_nb.course --out "${1:-outputs/course}"
