@@ -63,16 +63,14 @@ def foreground_geometry(image) -> dict[str, float]:
 
 
 def style_statistics(image) -> dict[str, float]:
-    """The creatures' style in numbers: dark outline pixels that are not background, and pale paper."""
+    """The creatures' style in numbers: dark outline pixels that are not background, and the paper's lightness."""
     rgb = _rgb(image)
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     background = background_colour(rgb)
     outline = (luma < 70) & foreground_mask(rgb)
-    paper_saturation = (background.max() - background.min()) / max(background.max(), 1.0)
     return {
         "outline": float(outline.mean()),
         "background_luma": float(background @ np.array([0.299, 0.587, 0.114])),
-        "background_saturation": float(paper_saturation),
     }
 
 
@@ -95,3 +93,31 @@ def colour_accuracy(pipe, colours=tuple(COLOURS), shapes=SHAPES, per_colour: int
                       generator=torch.Generator().manual_seed(seed)).images
         accuracy[colour] = float(np.mean([dominant_colour(im) == colour for im in images]))
     return accuracy
+
+
+@torch.no_grad()
+def heldout_denoising_loss(pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32) -> float:
+    """Mean denoising loss on images the model was not trained on, with the same noise and timesteps every call.
+
+    The diffusion loss of one example depends on its random timestep; averaging `repeats` fixed draws per
+    image makes the number comparable between a base model and its fine-tune.
+    """
+    from diffusers import DDPMScheduler
+
+    from .data import ImageTransform, tokenize
+    from .objective import denoising_loss
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    transform = ImageTransform(size, center_crop=True)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+    generator = torch.Generator().manual_seed(seed)
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    losses = []
+    for first in range(0, len(images), batch_size):
+        pixels = torch.stack([transform(im) for im in images[first:first + batch_size]]).to(device, dtype)
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        text = pipe.text_encoder(tokenize(pipe.tokenizer, list(captions[first:first + batch_size])).to(device))[0]
+        for _ in range(repeats):
+            losses.append(denoising_loss(pipe.unet, scheduler, latents, text,
+                                         generator=generator, reduce=False).cpu())
+    return float(torch.cat(losses).mean())

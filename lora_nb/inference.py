@@ -89,6 +89,19 @@ class PipelineLoRA:
         self.fused = False
 
 
+def load_base_pipeline(base_model: str | Path, torch_dtype: torch.dtype | None = None,
+                       device: str | torch.device | None = None, fast_scheduler: bool = True
+                       ) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline (a local folder or a hub id), switched to DPM-Solver++ for 25-step sampling."""
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+    if fast_scheduler:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_lora_pipeline(
     path: str | Path,
     base_model: str | None = None,
@@ -108,13 +121,9 @@ def load_lora_pipeline(
     if not base_model:
         raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
     tensors, _ = read_lora_file(adapter_file)  # check the file before the (possibly large) base loads
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
-    if fast_scheduler:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = load_base_pipeline(base_model, torch_dtype, device, fast_scheduler)
     has_text = any(k.startswith("text_encoder.") for k in tensors)
     load_lora_weights(adapter_file, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
-    if device is not None:
-        pipe.to(device)
     pipe.lora = PipelineLoRA(pipe, adapter_file, base_model)
     pipe.lora.set_scale(scale)
     return pipe

@@ -19,7 +19,6 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -145,8 +144,6 @@ def load_tiny_pipeline(path: str | Path = TINY_SD_PATH, fast_scheduler: bool = T
         raise FileNotFoundError(
             f"no tiny pipeline at {path} (model_index.json missing); it is made by scripts/pretrain_tiny_sd.py"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    if fast_scheduler:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    from .inference import load_base_pipeline
+
+    return load_base_pipeline(path, fast_scheduler=fast_scheduler)
