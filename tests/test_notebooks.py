@@ -1,0 +1,70 @@
+"""The course: every notebook runs under papermill and shows what it promises; the files stay diff-friendly."""
+
+import json
+
+import nbformat
+import pytest
+
+from lora_nb.course import course_notebooks, run_notebook
+from lora_nb.formats import read_lora_file
+
+# The figures each notebook saves (and shows); a new notebook must be listed here.
+EXPECTED_FIGURES = {
+    "01-low-rank": [],
+    "02-cross-attention": [],
+    "03-pokemon-style": ["training-examples", "before", "loss", "before-after", "scale-sweep"],
+}
+NOTEBOOKS = course_notebooks()
+
+
+def test_the_course_has_its_notebooks_in_order():
+    names = [nb.stem for nb in NOTEBOOKS]
+    assert names == sorted(names)
+    assert set(names) == set(EXPECTED_FIGURES), "list each notebook's figures in EXPECTED_FIGURES"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_clean_and_complete(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"  # papermill needs the kernelspec
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks without outputs"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "T4:" in tagged[0].source, "one `parameters` cell, with the T4 values beside"
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert f"colab.research.google.com/github/lora-nb/lora_nb/blob/main/notebooks/{notebook.name}" in text
+    assert "What you will learn" in text and "## Summary" in text and "## Exercises" in text
+    assert any('"google.colab" in sys.modules' in c.source for c in code[:2]), "a Colab-only install cell first"
+    assert any("assert " in c.source for c in code), "at least one claim checked by an assert"
+
+
+def executed_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_with_its_defaults(notebook, tmp_path):
+    executed = run_notebook(notebook, tmp_path)  # a failing cell raises NotebookFailed naming notebook and cell
+    outputs = executed_outputs(executed)
+    assert not [o for o in outputs if o.output_type == "error"]
+    shown = sum("image/png" in o.get("data", {}) for o in outputs)
+    expected = EXPECTED_FIGURES[notebook.stem]
+    assert shown >= len(expected)
+    figures = tmp_path / notebook.stem
+    for name in expected:
+        assert (figures / f"{name}.png").stat().st_size > 1000, f"{notebook.name} did not save {name}.png"
+
+
+def test_parameters_can_be_injected(tmp_path):
+    """papermill's injected parameters reach the code: a rank-2, 10-step run writes a rank-2 adapter."""
+    notebook = next(nb for nb in NOTEBOOKS if nb.stem == "03-pokemon-style")
+    executed = run_notebook(notebook, tmp_path, {"rank": 2, "max_train_steps": 10, "prompts": ["a drawing"]})
+    nb = nbformat.read(executed, as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "rank = 2" in injected[0].source
+    tensors, _ = read_lora_file(tmp_path / notebook.stem / "lora" / "pytorch_lora_weights.safetensors")
+    assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {2}
+    state = json.loads((tmp_path / notebook.stem / "lora" / "README.md").read_text().split("```json")[1]
+                       .split("```")[0])
+    assert state["max_train_steps"] == 10
