@@ -121,3 +121,28 @@ def heldout_denoising_loss(pipe, images, captions, seed: int = 0, repeats: int =
             losses.append(denoising_loss(pipe.unet, scheduler, latents, text,
                                          generator=generator, reduce=False).cpu())
     return float(torch.cat(losses).mean())
+
+
+def colour_histogram(image, bins: int = 4) -> np.ndarray:
+    """The foreground's colours as a normalised bins^3 histogram: what a subject 'looks like' to this evaluator."""
+    rgb = _rgb(image)
+    pixels = rgb[foreground_mask(rgb)]
+    if len(pixels) == 0:
+        return np.zeros(bins**3)
+    index = np.clip((pixels / 256 * bins).astype(int), 0, bins - 1) @ np.array([bins * bins, bins, 1])
+    counts = np.bincount(index, minlength=bins**3).astype(np.float64)
+    return counts / counts.sum()
+
+
+def subject_distance(images, references) -> float:
+    """Mean over `images` of the distance to the nearest reference, in [0, 1] (half the L1 histogram distance).
+
+    0: every image has a reference with the same foreground colours; 1: no colour in common.
+    """
+    refs = [colour_histogram(r) for r in references]
+    return float(np.mean([min(0.5 * np.abs(colour_histogram(im) - r).sum() for r in refs) for im in images]))
+
+
+def pixel_drift(images, baseline) -> float:
+    """Mean absolute pixel difference (0-1) between images drawn with the same seeds by two models."""
+    return float(np.mean([np.abs(_rgb(a) - _rgb(b)).mean() / 255 for a, b in zip(images, baseline, strict=True)]))

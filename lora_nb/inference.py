@@ -19,6 +19,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from .formats import WEIGHT_NAME, load_lora_weights, read_lora_file
 from .inject import lora_layers, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
 
 def _adapter_file(path: str | Path) -> Path:
@@ -59,6 +60,7 @@ class PipelineLoRA:
     pipe: StableDiffusionPipeline
     path: Path
     base_model: str
+    token: str | None = None  # a textual-inversion token loaded with the adapter (pivotal tuning)
     fused: bool = False
 
     def _models(self):
@@ -86,14 +88,17 @@ class PipelineLoRA:
         """Back to the base pipeline: the original layers and weights, as loaded."""
         for model in self._models():
             remove_lora(model)
+        if self.token:
+            self.pipe.unload_textual_inversion(self.token)
+            self.token = None
         self.fused = False
 
 
-def load_base_pipeline(base_model: str | Path, torch_dtype: torch.dtype | None = None,
+def load_base_pipeline(base_model: str | Path, dtype: torch.dtype | None = None,
                        device: str | torch.device | None = None, fast_scheduler: bool = True
                        ) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline (a local folder or a hub id), switched to DPM-Solver++ for 25-step sampling."""
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, torch_dtype=torch_dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(base_model, dtype=dtype)
     if fast_scheduler:
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if device is not None:
@@ -106,7 +111,7 @@ def load_lora_pipeline(
     path: str | Path,
     base_model: str | None = None,
     scale: float = 1.0,
-    torch_dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     fast_scheduler: bool = True,
 ) -> StableDiffusionPipeline:
@@ -121,9 +126,13 @@ def load_lora_pipeline(
     if not base_model:
         raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
     tensors, _ = read_lora_file(adapter_file)  # check the file before the (possibly large) base loads
-    pipe = load_base_pipeline(base_model, torch_dtype, device, fast_scheduler)
+    pipe = load_base_pipeline(base_model, dtype, device, fast_scheduler)
     has_text = any(k.startswith("text_encoder.") for k in tensors)
     load_lora_weights(adapter_file, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
-    pipe.lora = PipelineLoRA(pipe, adapter_file, base_model)
+    token = None
+    if (adapter_file.parent / EMBEDDING_NAME).is_file():  # pivotal tuning saves its new word beside the LoRA
+        token, _ = read_learned_embedding(adapter_file.parent)
+        pipe.load_textual_inversion(adapter_file.parent, weight_name=EMBEDDING_NAME)
+    pipe.lora = PipelineLoRA(pipe, adapter_file, base_model, token)
     pipe.lora.set_scale(scale)
     return pipe

@@ -44,6 +44,12 @@ from .data import ImageTransform, load_captioned_dataset, tokenize
 from .formats import WEIGHT_NAME, read_lora_file, save_lora_weights
 from .inject import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, find_targets, inject_lora, lora_parameters
 from .objective import denoising_loss
+from .textual_inversion import (
+    add_placeholder_token,
+    read_learned_embedding,
+    save_learned_embedding,
+    train_only_rows,
+)
 from .tiny import TINY_SD_PATH
 
 
@@ -73,13 +79,16 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    finetune: str = "lora"  # "lora", or "full": train the target layers' own weights (the reference)
+    finetune: str = "lora"  # "lora"; "full": the target layers' own weights; "embedding": textual inversion
     rank: int = 4
     lora_alpha: float | None = None  # None: = rank, so the adapter's scale alpha/r is 1
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
     train_text_encoder: bool = False
     text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
+    placeholder_token: str | None = None  # a new word, e.g. "<sks>", added to the tokenizer
+    initializer_token: str | None = None  # the word whose embedding the new one starts from
+    learned_embedding: str | None = None  # or a learned_embeds.safetensors (pivotal tuning's second phase)
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     prediction_type: str | None = None
@@ -134,8 +143,10 @@ def check_config(config: TrainConfig, needs_data: bool = True) -> None:
         raise ValueError(f"unknown --lr_scheduler {config.lr_scheduler!r}; choose one of: {names}") from None
     if config.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"unknown --prediction_type {config.prediction_type!r}: use epsilon or v_prediction")
-    if config.finetune not in ("lora", "full"):
-        raise ValueError(f"unknown --finetune {config.finetune!r}: use lora or full")
+    if config.finetune not in ("lora", "full", "embedding"):
+        raise ValueError(f"unknown --finetune {config.finetune!r}: use lora, full or embedding")
+    if config.finetune == "embedding" and not config.placeholder_token:
+        raise ValueError("--finetune embedding (textual inversion) needs a --placeholder_token to learn")
     if config.mixed_precision not in (None, "no", "fp16", "bf16", "auto"):
         raise ValueError(f"unknown --mixed_precision {config.mixed_precision!r}: use no, fp16, bf16 or auto")
     if config.push_to_hub:
@@ -178,14 +189,18 @@ def auto_mixed_precision() -> str:
     return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
 
 
-def native_resolution(unet_config: dict, vae_config: dict) -> int:
-    return unet_config["sample_size"] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+def training_resolution(config: TrainConfig) -> int:
+    """The image size to train at: --resolution, checked against the model, or the model's native size.
 
-
-def check_resolution(resolution: int, vae_config: dict) -> None:
+    Reads only the configs, so a wrong value is reported before any weights load.
+    """
+    unet_config = UNet2DConditionModel.load_config(config.pretrained_model_name_or_path, subfolder="unet")
+    vae_config = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae")
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    resolution = config.resolution or unet_config["sample_size"] * factor
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"--resolution {resolution}: this model's VAE needs a positive multiple of {factor}")
+    return resolution
 
 
 # ---------------------------------------------------------------- the model and the data
@@ -204,9 +219,9 @@ def load_components(path: str, dtype: torch.dtype, device) -> Components:
     """The frozen pipeline parts, in the training dtype; LoRA factors added later stay fp32."""
     parts = Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
     for model in (parts.text_encoder, parts.vae, parts.unet):
@@ -252,7 +267,8 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def cache(self, parts: Components, latents: bool, text: bool, device, batch_size: int = 32) -> None:
-        """Run the frozen VAE / text encoder over the whole set once."""
+        """Run the frozen VAE / text encoder over the whole set once (or forget what an earlier run cached)."""
+        self.latents = self.text_embeddings = None
         if latents:
             flips = [False, True] if self.transform.random_flip else [False]
             self.latents = []
@@ -508,22 +524,25 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     seed = config.seed if config.seed is not None else 0
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
-    unet_config = UNet2DConditionModel.load_config(config.pretrained_model_name_or_path, subfolder="unet")
-    vae_config = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae")
-    resolution = config.resolution or native_resolution(unet_config, vae_config)
-    check_resolution(resolution, vae_config)
     if dataset is None:
-        dataset = load_training_set(config, resolution, seed)
+        dataset = load_training_set(config, training_resolution(config), seed)
     parts = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
+    if config.placeholder_token:
+        start = read_learned_embedding(config.learned_embedding)[1] if config.learned_embedding else None
+        token_id = add_placeholder_token(parts.tokenizer, parts.text_encoder, config.placeholder_token,
+                                         config.initializer_token, start)
+    text_trains = config.train_text_encoder or config.finetune == "embedding"
+    restore_other_rows = None
 
     resume_from = find_resume_checkpoint(config)
     if config.finetune == "full":
         if resume_from:
             raise ValueError("--resume_from_checkpoint is for LoRA runs; a full fine-tune is the short reference")
         params = full_finetune_parameters(parts.unet, config.target_modules)
+    elif config.finetune == "embedding":
+        restore_other_rows = train_only_rows(parts.text_encoder.get_input_embeddings(), [token_id])
+        params = [parts.text_encoder.get_input_embeddings().weight]
     else:
         torch.manual_seed(seed)  # the A factors' initialisation
         inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
@@ -542,7 +561,9 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     if cache and not dataset.transform.center_crop:
         raise ValueError("--cache_latents needs --center_crop: a random crop differs at every step")
     with accelerator.autocast():
-        dataset.cache(parts, latents=cache, text=not config.train_text_encoder, device=accelerator.device)
+        dataset.cache(parts, latents=cache, text=not text_trains, device=accelerator.device)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
                                          collate_fn=collate, num_workers=config.dataloader_num_workers,
@@ -559,10 +580,10 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
-    trained = [parts.unet] + ([parts.text_encoder] if config.train_text_encoder else [])
+    trained = [parts.unet] + ([parts.text_encoder] if text_trains else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     parts.unet = trained[0]
-    if config.train_text_encoder:
+    if text_trains:
         parts.text_encoder = trained[1]
 
     history = {"losses": [], "lrs": []}
@@ -613,6 +634,8 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
+                    if restore_other_rows:
+                        restore_other_rows()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
@@ -647,7 +670,9 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
         if config.finetune == "full":
             lora_path = output_dir / "unet"
             unet.save_pretrained(lora_path)
-        else:
+        if config.placeholder_token:
+            lora_path = save_learned_embedding(output_dir, parts.tokenizer, text_encoder, config.placeholder_token)
+        if config.finetune == "lora":
             lora_path = save_unwrapped_lora(output_dir, parts, accelerator)
         if config.validation_prompt:
             validation_images = validate(config, parts, accelerator, global_step, tag="test")
@@ -667,11 +692,11 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
 # ---------------------------------------------------------------- the command line
 
 
-def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:
-    """One flag per TrainConfig field, named as in diffusers (`--max_train_steps`, `--center_crop`, ...)."""
-    defaults = defaults or TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
+def build_parser(config_class: type = TrainConfig, description: str | None = __doc__) -> argparse.ArgumentParser:
+    """One flag per config field, named as in diffusers (`--max_train_steps`, `--center_crop`, ...)."""
+    defaults = config_class()
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(config_class):
         default = getattr(defaults, f.name)
         flag = f"--{f.name}"
         if f.type in ("bool", bool) or isinstance(default, bool) and f.name != "cache_latents":
@@ -686,13 +711,14 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
     return parser
 
 
-def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+def config_from_args(argv: list[str] | None = None, config_class: type = TrainConfig,
+                     description: str | None = __doc__) -> TrainConfig:
+    args = build_parser(config_class, description).parse_args(argv)
     values = vars(args)
     for key in ("target_modules", "text_encoder_target_modules"):
         if len(values[key]) == 1 and set(values[key][0]) & set("*+?[](){}|^$\\"):
             values[key] = values[key][0]  # one regex, matched in full as peft does
-    return TrainConfig(**values)
+    return config_class(**values)
 
 
 def main(argv: list[str] | None = None) -> None:
