@@ -1,0 +1,199 @@
+"""The course's figures: each function draws one idea and returns a matplotlib Figure.
+
+Figures are built without pyplot, so nothing is kept in pyplot's global list (no memory growth over a long
+notebook, no figure shown twice, no backend to choose). A notebook shows one by making it the last
+expression of a cell -- it renders itself as a PNG -- and keeps it with `save_figure(fig, output_dir, name)`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+
+class CourseFigure(Figure):
+    """A matplotlib Figure that Jupyter displays as a PNG by itself (IPython calls `_repr_png_`)."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        return buffer.getvalue()
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def save_figure(fig: Figure, output_dir: str | Path, name: str) -> Path:
+    """Write `fig` to `output_dir/name.png` (the folder is made if needed); returns the path."""
+    path = Path(output_dir) / (name if name.endswith(".png") else f"{name}.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: int | None = None,
+               title: str | None = None, size: float = 1.8) -> Figure:
+    """Images (PIL, or HxWxC arrays) in a grid, one caption under each; pixels drawn unsmoothed."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    ncols = ncols or min(len(images), 8)
+    nrows = math.ceil(len(images) / ncols)
+    fig = CourseFigure(figsize=(size * ncols, size * nrows + (0.4 if title else 0)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < len(images):
+            # 32 px images: "nearest" shows the pixels the model drew, not a blur of them.
+            ax.imshow(np.asarray(images[i]), interpolation="nearest")
+            if captions is not None:
+                ax.set_title(captions[i], fontsize=7, wrap=True)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def spectrum_figure(spectra: Mapping[str, torch.Tensor], max_rank: int | None = None,
+                    title: str | None = None) -> Figure:
+    """Singular values of several matrices: left, s_i / s_1; right, the energy share of the top r.
+
+    The energy of the top r is sum_{i<=r} s_i^2 / sum_i s_i^2, the fraction of ||W||_F^2 that the best rank-r
+    approximation keeps (Eckart-Young). A flat spectrum needs many ranks; a low-rank one is done in a few.
+    """
+    fig = CourseFigure(figsize=(10, 3.6), layout="constrained")
+    ax_s, ax_e = fig.subplots(1, 2)
+    for label, s in spectra.items():
+        s = _numpy(s)
+        s = s[:max_rank] if max_rank else s
+        energy = np.cumsum(s**2) / np.sum(_numpy(spectra[label]) ** 2)
+        ranks = np.arange(1, len(s) + 1)
+        ax_s.plot(ranks, s / s[0], marker=".", markersize=3, label=label)
+        ax_e.plot(ranks, energy, marker=".", markersize=3, label=label)
+    ax_s.set(xlabel="index i", ylabel="s_i / s_1", title="singular values", yscale="log")
+    ax_e.set(xlabel="rank r", ylabel="energy share of the top r", title="energy captured", ylim=(0, 1.02))
+    ax_e.legend(fontsize=8)
+    for ax in (ax_s, ax_e):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def reconstruction_error_figure(errors: Mapping[str, Sequence[float]], ranks: Sequence[int] | None = None,
+                                title: str | None = None) -> Figure:
+    """Relative error ||W - W_r||_F / ||W||_F of the best rank-r approximation, against r, per matrix."""
+    fig = CourseFigure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for label, err in errors.items():
+        err = _numpy(err)
+        ax.plot(ranks if ranks is not None else np.arange(1, len(err) + 1), err, marker=".", label=label)
+    ax.set(xlabel="rank r", ylabel="relative error", title=title or "reconstruction error of truncated SVD",
+           ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def layer_energy_figure(shares: Mapping[str, Sequence[float]], layers: Sequence[str], rank: int,
+                        title: str | None = None) -> Figure:
+    """For every layer (x), the energy share of the top `rank` singular values (y), one series per matrix kind."""
+    fig = CourseFigure(figsize=(max(6.0, 0.12 * len(layers)), 3.8), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(layers))
+    for (label, values), marker in zip(shares.items(), "os^vDx*", strict=False):
+        ax.plot(x, _numpy(values), linestyle="none", marker=marker, markersize=4, label=label)
+    step = max(1, len(layers) // 24)  # at most ~24 names on the axis
+    ax.set_xticks(x[::step], list(layers)[::step], rotation=90, fontsize=6)
+    ax.set(ylabel=f"energy share of the top {rank}", ylim=(0, 1.02), title=title or f"rank-{rank} energy per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def parameter_count_figure(shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int],
+                           title: str | None = None) -> Figure:
+    """Parameters of a dense update d_out x d_in (dashed) against a LoRA pair B A, r (d_in + d_out) (solid)."""
+    fig = CourseFigure(figsize=(8, 3.6), layout="constrained")
+    ax = fig.subplots()
+    ranks = np.asarray(ranks)
+    for (label, (d_out, d_in)), colour in zip(shapes.items(), _colours(len(shapes)), strict=True):
+        ax.plot(ranks, ranks * (d_in + d_out), color=colour, marker=".", label=f"{label}: LoRA")
+        ax.axhline(d_in * d_out, color=colour, linestyle="--", linewidth=1, label=f"{label}: dense")
+    ax.set(xlabel="rank r", ylabel="parameters", yscale="log", xscale="log",
+           title=title or "one layer's update: LoRA r(d_in+d_out) against dense d_out*d_in")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: the lines fill it
+    return fig
+
+
+def loss_figure(losses: Mapping[str, Sequence[float]] | Sequence[float], window: int = 10,
+                title: str | None = None) -> Figure:
+    """Training loss per step (faint) and its moving average over `window` steps (bold)."""
+    curves = losses if isinstance(losses, Mapping) else {"loss": losses}
+    fig = CourseFigure(figsize=(5.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for (label, values), colour in zip(curves.items(), _colours(len(curves)), strict=True):
+        values = _numpy(values)
+        steps = np.arange(1, len(values) + 1)
+        ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
+        if len(values) >= window:  # the per-step loss of diffusion is noisy: the timestep is random
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color=colour, linewidth=2, label=f"{label} ({window}-step mean)")
+        else:
+            ax.plot(steps, values, color=colour, linewidth=2, label=label)
+    ax.set(xlabel="step", ylabel="loss", title=title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def attention_figure(image, maps: Mapping[str, torch.Tensor], title: str | None = None, alpha: float = 0.6,
+                     size: float = 1.8) -> Figure:
+    """The image, then one panel per label with its attention map (h x w) laid over the image.
+
+    Each map is resized to the image (bilinear) and scaled to [0, 1] on its own: the panels show *where*
+    a token is read, not how much it is read compared with the others.
+    """
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    height, width = rgb.shape[:2]
+    fig = CourseFigure(figsize=(size * (len(maps) + 1), size + (0.5 if title else 0.3)), layout="constrained")
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False).ravel()
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("image", fontsize=8)
+    for ax, (label, amap) in zip(axes[1:], maps.items(), strict=True):
+        amap = torch.as_tensor(_numpy(amap))[None, None]  # (1, 1, h, w)
+        amap = torch.nn.functional.interpolate(amap, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        amap = (amap - amap.min()) / (amap.max() - amap.min()).clamp_min(1e-12)
+        ax.imshow(rgb.mean(-1), cmap="gray", interpolation="nearest")  # grey image: the colour is the map
+        ax.imshow(amap.numpy(), cmap="jet", alpha=alpha, interpolation="bilinear")
+        ax.set_title(label, fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def token_share_figure(tokens: Sequence[str], shares: Sequence[float], title: str | None = None) -> Figure:
+    """A bar per token: the share of all cross-attention it receives (the shares of all tokens sum to one)."""
+    fig = CourseFigure(figsize=(max(4.0, 0.6 * len(tokens)), 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(tokens)), _numpy(shares), color="C0")
+    ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right", fontsize=8)
+    ax.set(ylabel="share of attention", title=title or "where the attention goes")
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def _colours(n: int) -> list:
+    cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
+    return [cycle[i % len(cycle)] for i in range(n)]

@@ -1,0 +1,125 @@
+"""The course's figures: the right number of panels, images and curves, and PNG files on disk."""
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from lora_nb.viz import (
+    attention_figure,
+    image_grid,
+    layer_energy_figure,
+    loss_figure,
+    parameter_count_figure,
+    reconstruction_error_figure,
+    save_figure,
+    spectrum_figure,
+    token_share_figure,
+)
+
+
+def images(n, size=8):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def panels_with_images(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def test_image_grid_one_panel_per_image_with_captions():
+    fig = image_grid(images(5), captions=[f"c{i}" for i in range(5)], ncols=3, title="five")
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 6  # 2 rows x 3 columns
+    shown = panels_with_images(fig)
+    assert len(shown) == 5
+    assert [ax.get_title() for ax in shown] == [f"c{i}" for i in range(5)]
+    assert np.array_equal(shown[0].images[0].get_array(), np.asarray(images(5)[0]))
+
+
+def test_image_grid_accepts_arrays_and_checks_captions():
+    assert len(panels_with_images(image_grid([np.zeros((4, 4, 3))] * 3))) == 3
+    with pytest.raises(ValueError, match="captions"):
+        image_grid(images(2), captions=["only one"])
+    with pytest.raises(ValueError, match="at least one"):
+        image_grid([])
+
+
+def test_spectrum_figure_energy_reaches_one():
+    spectra = {"W": torch.linalg.svdvals(torch.randn(16, 12)), "low rank": torch.tensor([3.0, 1.0, 0.0])}
+    fig = spectrum_figure(spectra)
+    ax_s, ax_e = fig.axes
+    assert len(ax_s.lines) == len(ax_e.lines) == 2
+    for line in ax_e.lines:
+        energy = line.get_ydata()
+        assert energy[-1] == pytest.approx(1.0) and np.all(np.diff(energy) >= 0)
+    assert ax_e.lines[1].get_ydata()[0] == pytest.approx(0.9)  # 3^2 / (3^2 + 1^2)
+    assert ax_s.lines[0].get_ydata()[0] == pytest.approx(1.0)  # s_1 / s_1
+
+
+def test_spectrum_figure_max_rank_cuts_the_curve_not_the_total():
+    s = torch.ones(10)
+    ax_e = spectrum_figure({"flat": s}, max_rank=4).axes[1]
+    assert ax_e.lines[0].get_ydata() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_reconstruction_error_figure_one_curve_per_matrix():
+    fig = reconstruction_error_figure({"a": [0.5, 0.2, 0.0], "b": [0.9, 0.8, 0.7]}, ranks=[1, 2, 4])
+    (ax,) = fig.axes
+    assert len(ax.lines) == 2 and list(ax.lines[0].get_xdata()) == [1, 2, 4]
+
+
+def test_layer_energy_figure_one_series_per_kind():
+    layers = [f"layer{i}" for i in range(60)]
+    fig = layer_energy_figure({"dW": np.full(60, 0.9), "noise": np.full(60, 0.2)}, layers, rank=4)
+    (ax,) = fig.axes
+    assert [len(line.get_ydata()) for line in ax.lines] == [60, 60]
+    assert len(ax.get_xticks()) <= 30 and "top 4" in ax.get_ylabel()
+
+
+def test_parameter_count_figure_lora_against_dense():
+    fig = parameter_count_figure({"to_k": (320, 768)}, ranks=[1, 4, 16])
+    (ax,) = fig.axes
+    lora, dense = ax.lines
+    assert list(lora.get_ydata()) == [1088, 4352, 17408]  # r * (768 + 320)
+    assert list(dense.get_ydata()) == [320 * 768] * 2  # a horizontal line
+
+
+def test_loss_figure_raw_and_smoothed():
+    (ax,) = loss_figure(list(np.linspace(1, 0, 30)), window=10).axes
+    raw, smooth = ax.lines
+    assert len(raw.get_ydata()) == 30 and len(smooth.get_ydata()) == 21
+    (ax,) = loss_figure({"a": [1.0, 0.5], "b": [0.9, 0.4]}, window=10).axes  # too short to smooth
+    assert len(ax.lines) == 4
+
+
+def test_attention_figure_image_then_one_overlay_per_map():
+    maps = {"red": torch.rand(4, 4), "circle": torch.rand(4, 4)}
+    fig = attention_figure(images(1, size=16)[0], maps, title="a red circle")
+    assert len(fig.axes) == 3
+    assert len(fig.axes[0].images) == 1
+    assert all(len(ax.images) == 2 for ax in fig.axes[1:])  # grey image + heat map
+    heat = fig.axes[1].images[1].get_array()
+    assert heat.shape == (16, 16) and heat.min() == pytest.approx(0) and heat.max() == pytest.approx(1)
+    assert [ax.get_title() for ax in fig.axes] == ["image", "red", "circle"]
+
+
+def test_token_share_figure_one_bar_per_token():
+    (ax,) = token_share_figure(["<start>", "red", "circle", "padding"], [0.7, 0.1, 0.15, 0.05]).axes
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.7, 0.1, 0.15, 0.05])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["<start>", "red", "circle", "padding"]
+
+
+def test_figures_render_themselves_as_png():
+    png = image_grid(images(1))._repr_png_()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_figure_writes_png(tmp_path):
+    fig = image_grid(images(2))
+    path = save_figure(fig, tmp_path / "new" / "folder", "grid")
+    assert path == tmp_path / "new" / "folder" / "grid.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(path).size[0] > 0
+    assert save_figure(fig, tmp_path, "again.png").name == "again.png"
