@@ -10,9 +10,11 @@ from lora_nb.formats import read_lora_file
 
 # The figures each notebook saves (and shows); a new notebook must be listed here.
 EXPECTED_FIGURES = {
-    "01-low-rank": [],
-    "02-cross-attention": [],
+    "01-low-rank": ["weight-spectra", "parameter-count", "loss", "update-spectrum", "update-error",
+                    "energy-per-layer"],
+    "02-cross-attention": ["token-share", "attention-maps"],
     "03-pokemon-style": ["training-examples", "before", "loss", "before-after", "scale-sweep"],
+    "04-dreambooth": ["instance-images", "before", "class-images", "after"],
 }
 NOTEBOOKS = course_notebooks()
 
