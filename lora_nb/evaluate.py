@@ -146,3 +146,16 @@ def subject_distance(images, references) -> float:
 def pixel_drift(images, baseline) -> float:
     """Mean absolute pixel difference (0-1) between images drawn with the same seeds by two models."""
     return float(np.mean([np.abs(_rgb(a) - _rgb(b)).mean() / 255 for a, b in zip(images, baseline, strict=True)]))
+
+
+@torch.no_grad()
+def reconstruction_error(vae, images, batch_size: int = 64) -> dict[str, float]:
+    """How well the VAE gives `images` back: mean squared error (pixels in [0, 1]) and PSNR in dB."""
+    errors = []
+    for first in range(0, len(images), batch_size):
+        pixels = np.stack([_rgb(im) for im in images[first:first + batch_size]]) / 127.5 - 1.0
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        errors.append(((y - x).float() / 2).pow(2).mean(dim=(1, 2, 3)).cpu())
+    mse = float(torch.cat(errors).mean())
+    return {"mse": mse, "psnr": float(10 * np.log10(1.0 / mse))}

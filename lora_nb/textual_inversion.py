@@ -87,3 +87,13 @@ def read_learned_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
     if len(tensors) != 1:
         raise ValueError(f"{path}: a textual-inversion file holds one token; this one has {sorted(tensors)}")
     return next(iter(tensors.items()))
+
+
+def nearest_words(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vector: torch.Tensor,
+                  k: int = 5) -> list[tuple[str, float]]:
+    """The k vocabulary words whose input embeddings point most nearly the way `vector` does (cosine)."""
+    table = text_encoder.get_input_embeddings().weight.detach().float()  # (vocab, width)
+    similarity = torch.nn.functional.cosine_similarity(table, vector.float()[None], dim=-1)
+    words = {i: t for t, i in tokenizer.get_vocab().items() if t.endswith("</w>")}  # whole words only
+    ranked = [i for i in similarity.argsort(descending=True).tolist() if i in words][:k]
+    return [(words[i].removesuffix("</w>"), float(similarity[i])) for i in ranked]
