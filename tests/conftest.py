@@ -1,6 +1,7 @@
 """Small real models, built in code (no downloads): a diffusers UNet, a CLIP text encoder, an SD pipeline."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # These models are tiny: a second thread costs more in synchronisation than it saves (100x, on a busy CPU).
+# The tests run two at a time (pytest-xdist), so subprocesses and notebook kernels get one thread too.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
 MAX_TOKENS = 16
