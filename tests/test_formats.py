@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import safetensors
@@ -11,11 +12,14 @@ from torch import nn
 from lora_nb.formats import (
     METADATA_KEY,
     WEIGHT_NAME,
+    LoraFile,
     load_lora_state_dict,
     load_lora_weights,
     lora_config,
     lora_state_dict,
+    read_lora,
     read_lora_file,
+    save_lora_file,
     save_lora_weights,
 )
 from lora_nb.inject import (
@@ -146,6 +150,40 @@ def test_older_spellings_load(unet_inputs, token_ids):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_diffusers_0_17_processor_spellings_load(unet_inputs, token_ids):
+    """diffusers 0.17 pipelines saved "unet."/"text_encoder." + the attention processors' names."""
+    unet, text_encoder = trained_pair()
+    tensors = {**lora_state_dict(unet, "unet"), **lora_state_dict(text_encoder, "text_encoder")}
+    processor = {"to_out.0": "to_out", "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v",
+                 "out_proj": "to_out"}
+    old = {}
+    for key, tensor in tensors.items():
+        parent, proj, factor = re.fullmatch(r"(.*?)\.(to_out\.0|\w+)\.lora_([AB])\.weight", key).groups()
+        parent += ".processor" if key.startswith("unet.") else ""
+        old[f"{parent}.{processor.get(proj, proj)}_lora.{'down' if factor == 'A' else 'up'}.weight"] = tensor
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight" in old
+    assert "text_encoder.encoder.layers.0.self_attn.to_q_lora.down.weight" in old
+
+    lora = LoraFile.from_state_dict(old, {"unet.lora_alpha": 8, "text_encoder.lora_alpha": 8})
+    assert lora.format == "diffusers" and lora.tensors.keys() == tensors.keys()
+    fresh_unet, fresh_text_encoder = make_unet(), make_text_encoder()
+    load_lora_weights(lora, unet=fresh_unet, text_encoder=fresh_text_encoder)
+    got = outputs(fresh_unet, fresh_text_encoder, unet_inputs, token_ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, outputs(unet, text_encoder, unet_inputs, token_ids)))
+
+
+def test_read_lora_reports_the_layout_and_save_lora_file_writes_it_back(tmp_path):
+    unet, text_encoder = trained_pair(mixed=True)
+    path = save_lora_weights(tmp_path / "a", unet=unet, text_encoder=text_encoder)
+    lora = read_lora(tmp_path / "a")
+    assert (lora.format, lora.path) == ("diffusers", path)
+    tensors, metadata = read_lora_file(path)  # the two-value reader of earlier callers
+    assert metadata == lora.metadata and tensors.keys() == lora.tensors.keys()
+    again = read_lora(save_lora_file(tmp_path / "b.safetensors", lora))
+    assert again.metadata == lora.metadata and again.tensors.keys() == lora.tensors.keys()
+    assert all(torch.equal(again.tensors[k], v) for k, v in lora.tensors.items())
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -169,6 +207,8 @@ def test_an_adapter_for_another_model_is_refused_naming_the_first_bad_key(tmp_pa
         load_lora_weights(tmp_path, unet=unet)
     assert str(error.value).startswith(f"{first_bad}: ")
     assert "(4, 32)" in str(error.value) and "(4, 16)" in str(error.value)  # expected, found
+    # attn2.to_k and .to_v in 4 attention blocks: all counted, the first 5 named
+    assert str(error.value).endswith("... and 3 more\n8 LoRA keys cannot be placed; nothing was applied")
     assert_untouched(unet, before)
 
 

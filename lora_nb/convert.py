@@ -1,0 +1,287 @@
+"""Other LoRA layouts to lora_nb's and back: peft, the blog's attention processors, kohya/A1111.
+
+lora_nb's layout is diffusers' (see formats.py): tensors ``f"{component}.{module path}.lora_A.weight"``,
+A: (r, d_in), and ``.lora_B.weight``, B: (d_out, r), component "unet" or "text_encoder"; alpha in metadata,
+peft ``LoraConfig`` kwargs with prefixed names. Every reader here returns that (tensors, metadata) pair.
+
+    layout      one key, and where alpha comes from
+    diffusers   unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight
+                (ours; also text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight): the metadata
+    peft        base_model.model.down_blocks.0.(...).attn1.to_q.lora_A.default.weight
+                (or without "base_model.model." or the adapter name): adapter_config.json
+    attn_procs  down_blocks.0.(...).attn1.processor.to_q_lora.down.weight (the blog's
+                pytorch_lora_weights.bin; UNet only): nowhere, alpha = r
+    kohya       lora_unet_down_blocks_0_(...)_attn1_to_q.lora_down.weight / .lora_up.weight / .alpha,
+                lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight: the .alpha tensors
+
+The key renames are diffusers' own where diffusers has them (named below), so a file means here what it
+means to ``pipe.load_lora_weights``. Alpha is not: diffusers 0.42 files a kohya attention layer's alpha under
+a name no module has, and peft then drops it (tests/test_convert.py shows it), so kohya alphas are read here.
+"""
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import torch
+from diffusers.loaders.lora_conversion_utils import _convert_text_encoder_lora_key, _convert_unet_lora_key
+from diffusers.utils.state_dict_utils import (
+    StateDictType,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
+
+StateDict = dict[str, torch.Tensor]
+Layers = dict[str, tuple[int, float]]  # module path (or "unet.<path>") -> (rank, alpha)
+
+FORMATS = ("diffusers", "peft", "attn_procs", "kohya")
+COMPONENTS = ("unet", "text_encoder")
+# Key ending -> factor. Older diffusers files spell A "down" and B "up".
+FACTOR_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora.down.weight": "A",
+    ".lora.up.weight": "B",
+    ".lora_linear_layer.down.weight": "A",
+    ".lora_linear_layer.up.weight": "B",
+}
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# peft keeps A and B under the adapter's name ("lora_A.default.weight") in a model, without it in a file.
+_PEFT_FACTOR = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
+_ATTN_PROCS_FACTOR = re.compile(r"[._]lora\.(down|up)\.weight$")  # processor.to_q_lora.down, to_q.lora.down
+# A peft file says nothing of which model it adapts; CLIP's modules live under these, a UNet's never do.
+_TEXT_ENCODER_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")
+# What a peft adapter_config.json says about the tensors; the rest (task_type, revision ...) is bookkeeping.
+_PEFT_CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_dora",
+                     "use_rslora", "lora_bias")
+
+
+def cannot_place(problems: list[str], shown: int = 5) -> ValueError:
+    """One error for all the keys that cannot be placed ("key: why" each): the first ``shown``, the count."""
+    more = [f"... and {len(problems) - shown} more"] if len(problems) > shown else []
+    count = f"{len(problems)} LoRA key{'s' * (len(problems) > 1)} cannot be placed; nothing was applied"
+    return ValueError("\n".join([*problems[:shown], *more, count]))
+
+
+def pattern_value(patterns: dict, path: str, default):
+    """peft's ``rank_pattern``/``alpha_pattern`` lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def lora_config_for(layers: Layers) -> dict:
+    """peft ``LoraConfig`` kwargs for {module path: (rank, alpha)}: common values, patterns for the rest."""
+    r = Counter(rank for rank, _ in layers.values()).most_common(1)[0][0]
+    alpha = Counter(alpha for _, alpha in layers.values()).most_common(1)[0][0]
+    # Layers off the common value go in patterns keyed "^path", as diffusers writes them: the "^" pins peft's
+    # suffix match to the full name.
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(layers),
+        "rank_pattern": {f"^{p}": rank for p, (rank, _) in layers.items() if rank != r},
+        "alpha_pattern": {f"^{p}": a for p, (_, a) in layers.items() if a != alpha},
+    }
+
+
+def metadata_for(layers: Layers) -> dict:
+    """Our file metadata for layers {"unet.<path>": (rank, alpha)}: each component's config, prefixed."""
+    metadata = {}
+    for component in dict.fromkeys(stem.partition(".")[0] for stem in layers):
+        own = {stem.partition(".")[2]: v for stem, v in layers.items() if stem.startswith(f"{component}.")}
+        metadata |= {f"{component}.{key}": value for key, value in lora_config_for(own).items()}
+    return metadata
+
+
+def component_config(metadata: dict, component: str) -> dict:
+    """One component's LoraConfig kwargs out of our prefixed metadata."""
+    return {k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
+
+
+def split_layers(
+    tensors: StateDict, metadata: dict | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{"unet.<path>": (A, B, alpha)} from tensors in our layout; alpha as peft resolves it: the layer's
+    ``alpha_pattern`` entry, else ``lora_alpha``, else its rank."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        factor = next((f for f in "AB" if key.endswith(f".lora_{f}.weight")), None)
+        if factor is None:
+            problems.append(f"{key}: not a LoRA factor (expected a key ending in .lora_A/.lora_B.weight)")
+        else:
+            factors.setdefault(key.removesuffix(f".lora_{factor}.weight"), {})[factor] = tensor
+    for stem, ab in factors.items():
+        if len(ab) < 2:
+            (have,) = ab
+            problems.append(f"{stem}.lora_{have}.weight: no lora_{'B' if have == 'A' else 'A'} for {stem}")
+    if problems:
+        raise cannot_place(problems)
+    layers = {}
+    for stem, ab in factors.items():
+        component, _, path = stem.partition(".")
+        config = component_config(metadata or {}, component)
+        rank = ab["A"].shape[0]
+        alpha = pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", rank))
+        layers[stem] = (ab["A"], ab["B"], float(alpha))
+    return layers
+
+
+def _layout(key: str) -> str | None:
+    if key.startswith(KOHYA_PREFIXES):
+        return "kohya"
+    if key.startswith(tuple(f"{c}." for c in COMPONENTS)):
+        return "diffusers"
+    if _PEFT_FACTOR.search(key):
+        return "peft"
+    if _ATTN_PROCS_FACTOR.search(key):
+        return "attn_procs"
+    return None
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """The layout of a state dict (one of FORMATS), from its keys; raises naming the keys that fit none, or
+    fit another layout than most keys do (a file is one layout)."""
+    layouts = {key: _layout(key) for key in keys}
+    counts = Counter(layout for layout in layouts.values() if layout)
+    if not counts:
+        raise cannot_place([f"{key}: in no known LoRA layout ({', '.join(FORMATS)})" for key in layouts]
+                           or ["(no keys): the state dict is empty"])
+    layout = counts.most_common(1)[0][0]
+    others = [(key, other) for key, other in layouts.items() if other != layout]
+    if others:
+        raise cannot_place([f"{key}: {f'a {other} key' if other else 'in no known layout'} in a {layout} file"
+                            for key, other in others])
+    return layout
+
+
+def _rename_factor(key: str) -> str:
+    suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
+    return key if suffix is None else f"{key.removesuffix(suffix)}.lora_{FACTOR_SUFFIXES[suffix]}.weight"
+
+
+def _our_name(key: str) -> str:
+    """Our name for a key "unet."/"text_encoder." + any diffusers spelling: ``to_q.lora.down``, 0.17's
+    ``processor.to_q_lora.down``, ``q_proj.lora_linear_layer.down``."""
+    # The renames diffusers' loaders apply: convert_unet_state_dict_to_peft in the UNet's load_lora_adapter,
+    # convert_state_dict_to_peft's DIFFUSERS_OLD mapping in _load_lora_into_text_encoder. Both take a dict.
+    if key.startswith("unet."):
+        (new,) = convert_unet_state_dict_to_peft({key: None})
+    else:
+        (new,) = convert_state_dict_to_peft({key: None}, StateDictType.DIFFUSERS_OLD)
+    return _rename_factor(new)
+
+
+def from_diffusers(state: StateDict, metadata: dict | None = None) -> tuple[StateDict, dict]:
+    """Keys "unet."/"text_encoder." + any diffusers spelling -> ours. The metadata is ours already."""
+    names = {key: _our_name(key) for key in state}
+    count = Counter(names.values())
+    clashes = [f"{key}: another key names the same factor" for key, name in names.items() if count[name] > 1]
+    if clashes:
+        raise cannot_place(clashes)
+    return {names[k]: v for k, v in state.items()}, dict(metadata or {})
+
+
+def from_attn_procs(state: StateDict, metadata: dict | None = None) -> tuple[StateDict, dict]:
+    """The blog's ``unet.save_attn_procs`` keys (UNet only, no prefix) -> ours. They carry no alpha, so
+    alpha = r: what diffusers' LoRAAttnProcessor computed with (its network_alpha defaulted to None)."""
+    return from_diffusers({f"unet.{k}": v for k, v in state.items()})
+
+
+def from_peft(state: StateDict, config: dict | None = None) -> tuple[StateDict, dict]:
+    """peft keys (``base_model.model.`` + path, or the bare path; with or without the adapter name) -> ours.
+
+    ``config`` is the adapter's LoraConfig (adapter_config.json): its ``lora_alpha``, ``alpha_pattern`` ...
+    apply to each component the file holds.
+    """
+    tensors = {}
+    for key, tensor in state.items():
+        path = _PEFT_FACTOR.sub(r".lora_\1.weight", key.removeprefix("base_model.model."))
+        tensors[f"{'text_encoder' if path.startswith(_TEXT_ENCODER_ROOTS) else 'unet'}.{path}"] = tensor
+    kept = {k: v for k, v in (config or {}).items() if k in _PEFT_CONFIG_KEYS}
+    components = dict.fromkeys(key.partition(".")[0] for key in tensors)
+    return tensors, {f"{c}.{k}": v for c in components for k, v in kept.items()}
+
+
+def _kohya_stem(name: str) -> str | None:
+    """Our "unet.<path>" for a kohya module name, or None for one SD 1.x lacks (SDXL's second text encoder).
+
+    kohya names are module paths with "." turned to "_", so they cannot be split back without knowing the
+    names; diffusers' _convert_unet_lora_key / _convert_text_encoder_lora_key know SD's, and are what
+    ``pipe.load_lora_weights`` uses. kohya always writes CLIP's ``text_model.`` level; transformers 5 has
+    none, so it is dropped here (the loader finds the layer either way).
+    """
+    if name.startswith("lora_unet_"):
+        key = "unet." + _convert_unet_lora_key(f"{name}.lora_down.weight")
+    elif name.startswith(("lora_te_", "lora_te1_")):
+        key = "text_encoder." + _convert_text_encoder_lora_key(f"{name}.lora_down.weight", name)
+    else:
+        return None
+    stem = _our_name(key).removesuffix(".lora_A.weight")
+    return stem.replace("text_encoder.text_model.", "text_encoder.", 1)
+
+
+def from_kohya(state: StateDict, metadata: dict | None = None) -> tuple[StateDict, dict]:
+    """kohya/A1111 keys -> ours, each module's ``.alpha`` kept exactly (in the metadata's patterns)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}  # kohya module name -> {"lora_down.weight": tensor ...}
+    for key, tensor in state.items():
+        name, _, part = key.partition(".")
+        modules.setdefault(name, {})[part] = tensor
+    tensors, layers, problems = {}, {}, []
+    for name, parts in modules.items():
+        stem = _kohya_stem(name)
+        if stem is None:
+            problems += [f"{name}.{part}: SDXL's second text encoder; SD 1.x has one" for part in parts]
+            continue
+        other = [part for part in parts if part not in ("lora_down.weight", "lora_up.weight", "alpha")]
+        if other:  # LoHa's hada_w1_a, LoKr's lokr_w1, DoRA's dora_scale ...
+            problems += [f"{name}.{part}: not LoRA (a kohya LoRA module holds lora_down, lora_up, alpha)"
+                         for part in other]
+        elif "lora_down.weight" in parts and "lora_up.weight" in parts:
+            a, b = parts["lora_down.weight"], parts["lora_up.weight"]  # A: (r, d_in), B: (d_out, r)
+            tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a, b
+            # kohya's rule (sd-scripts networks/lora.py): no alpha, or alpha 0, means alpha = rank.
+            alpha = parts["alpha"].item() if "alpha" in parts else 0
+            layers[stem] = (a.shape[0], float(alpha or a.shape[0]))
+        else:
+            problems.append(f"{name}: needs both lora_down.weight and lora_up.weight, has {', '.join(parts)}")
+    if problems:
+        raise cannot_place(problems)
+    return tensors, metadata_for(layers)
+
+
+def to_kohya(tensors: StateDict, metadata: dict | None = None) -> StateDict:
+    """Ours -> kohya/A1111: ``lora_unet_``/``lora_te_`` + the path with "_" for ".", ``lora_down``/
+    ``lora_up``, and every module's alpha as a float32 scalar tensor, as kohya's sd-scripts save it (an
+    alpha float32 cannot hold, such as 0.1, comes back rounded to it).
+
+    diffusers' convert_state_dict_to_kohya is not used: it writes alpha = rank whatever the adapter's alpha
+    (wrong unless they are equal), and names the text encoder ``lora_te1_`` without CLIP's ``text_model_``
+    level, which A1111 does not find for SD 1.x.
+    """
+    out = {}
+    for stem, (a, b, alpha) in split_layers(tensors, metadata).items():
+        component, _, path = stem.partition(".")
+        if component == "unet":
+            name = "lora_unet_" + path.replace(".", "_")
+        else:
+            name = "lora_te_" + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = a, b
+        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def to_lora_nb(state: StateDict, metadata: dict | None = None, config: dict | None = None
+               ) -> tuple[str, StateDict, dict]:
+    """(format, tensors, metadata) in our layout for a state dict in any of FORMATS.
+
+    ``metadata`` is what a safetensors header held under "lora_adapter_metadata" (ours, or for bare peft keys
+    the LoraConfig diffusers' ``save_lora_adapter`` writes there); ``config`` a peft adapter_config.json.
+    """
+    layout = detect_format(state)
+    if layout == "peft":
+        return layout, *from_peft(state, metadata if config is None else config)
+    convert = {"diffusers": from_diffusers, "attn_procs": from_attn_procs, "kohya": from_kohya}[layout]
+    return layout, *convert(state, metadata)
