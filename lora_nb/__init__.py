@@ -1,6 +1,6 @@
 """lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read. The names a notebook uses."""
 
-from .formats import load_lora_weights, lora_state_dict, save_lora_weights
+from .formats import export_kohya, load_lora_weights, lora_state_dict, read_lora, save_lora_weights
 from .inference import load_lora_pipeline
 from .inject import (
     TEXT_ENCODER_ATTENTION,
@@ -16,12 +16,13 @@ from .inject import (
     unmerge_lora,
 )
 from .layers import LoRALinear
+from .mix import mix_loras
 from .tiny import TINY_SD_PATH, load_tiny_pipeline
 from .train import TrainConfig, train
 
 __all__ = [
     "TEXT_ENCODER_ATTENTION", "TINY_SD_PATH", "UNET_ATTENTION", "UNET_CROSS_ATTENTION", "LoRALinear",
-    "TrainConfig", "count_parameters", "inject_lora", "load_lora_pipeline", "load_lora_weights",
-    "load_tiny_pipeline", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora", "remove_lora",
-    "save_lora_weights", "set_lora_scale", "train", "unmerge_lora",
+    "TrainConfig", "count_parameters", "export_kohya", "inject_lora", "load_lora_pipeline", "load_lora_weights",
+    "load_tiny_pipeline", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora", "mix_loras",
+    "read_lora", "remove_lora", "save_lora_weights", "set_lora_scale", "train", "unmerge_lora",
 ]

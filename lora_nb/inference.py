@@ -17,20 +17,15 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from .formats import WEIGHT_NAME, load_lora_weights, read_lora_file
+from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora_file
 from .inject import lora_layers, merge_lora, remove_lora, set_lora_scale, unmerge_lora
 from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
 
 def _adapter_file(path: str | Path) -> Path:
     """The weights file for a folder, a file, or a hub repo id (downloaded)."""
-    local = Path(path)
-    if local.is_file():
-        return local
-    if local.is_dir():
-        if not (local / WEIGHT_NAME).is_file():
-            raise FileNotFoundError(f"no {WEIGHT_NAME} in adapter folder {local}")
-        return local / WEIGHT_NAME
+    if Path(path).exists():
+        return find_lora_file(path)  # a folder may hold the safetensors file or the blog-era .bin
     if str(path).startswith((".", "/")) or str(path).count("/") != 1:
         raise FileNotFoundError(f"adapter not found: {path} (neither a local path nor a hub id 'owner/name')")
     from huggingface_hub import hf_hub_download

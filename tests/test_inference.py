@@ -88,7 +88,7 @@ def test_scale_fuse_unfuse_remove(adapter_dir, base_images):
 
 
 def test_missing_adapter_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights.safetensors in adapter folder"):
+    with pytest.raises(FileNotFoundError, match="no LoRA weights file at .*pytorch_lora_weights.safetensors"):
         load_lora_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter not found: ./nowhere"):
         load_lora_pipeline("./nowhere")
