@@ -1,5 +1,20 @@
 """lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read. The names a notebook uses."""
 
+import logging
+
+from transformers.utils import logging as _transformers_logging
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """transformers notes on every import that torchvision is missing; lora_nb needs none, so drop that one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+for _handler in _transformers_logging.get_logger().handlers:
+    _handler.addFilter(_NoTorchvisionNotice())
+
 from .formats import export_kohya, load_lora_weights, lora_state_dict, read_lora, save_lora_weights
 from .inference import load_lora_pipeline
 from .inject import (

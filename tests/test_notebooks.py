@@ -16,6 +16,7 @@ EXPECTED_FIGURES = {
     "03-pokemon-style": ["training-examples", "before", "loss", "before-after", "scale-sweep"],
     "04-dreambooth": ["instance-images", "before", "class-images", "after"],
     "06-pivotal-tuning": ["comparison"],
+    "07-inference-in-practice": ["mixing"],
 }
 NOTEBOOKS = course_notebooks()
 
