@@ -194,6 +194,65 @@ def token_share_figure(tokens: Sequence[str], shares: Sequence[float], title: st
     return fig
 
 
+def rank_sweep_figure(rows: Sequence[Mapping], x: str = "params", title: str | None = None) -> Figure:
+    """Held-out loss (y) against adapter size (x, log scale) for a rank sweep.
+
+    `rows` are `lora_nb.sweep.run_sweep`'s: each has "method" ("lora", "full" or "base"), "targets",
+    "rank", "heldout_loss" and the `x` key ("params", "fp32_bytes" or "fp16_bytes"). LoRA runs make one line
+    per target set, each point labelled with its rank; a full fine-tune is a star with a dotted line at its
+    loss; the base model (no adapter) is a dashed line.
+    """
+    xlabels = {"params": "trainable parameters", "fp32_bytes": "file size, fp32 (bytes)",
+               "fp16_bytes": "file size, fp16 (bytes)"}
+    fig = CourseFigure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    lora = [r for r in rows if r["method"] == "lora"]
+    names = list(dict.fromkeys(r["targets"] for r in lora))
+    for name, colour in zip(names, _colours(len(names)), strict=True):
+        runs = sorted((r for r in lora if r["targets"] == name), key=lambda r: r[x])
+        ax.plot([r[x] for r in runs], [r["heldout_loss"] for r in runs], color=colour, marker="o", label=name)
+        for r in runs:
+            ax.annotate(f"r{r['rank']}", (r[x], r["heldout_loss"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=colour)
+    for r in rows:
+        if r["method"] == "full":
+            ax.plot([r[x]], [r["heldout_loss"]], color="black", marker="*", markersize=12, linestyle="none",
+                    label=r["targets"])
+            ax.axhline(r["heldout_loss"], color="black", linestyle=":", linewidth=1)
+        elif r["method"] == "base":
+            ax.axhline(r["heldout_loss"], color="gray", linestyle="--", linewidth=1.2, label="base model (no adapter)")
+    ax.set(xscale="log", xlabel=xlabels.get(x, x), ylabel="held-out denoising loss",
+           title=title or "held-out loss against adapter size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return fig
+
+
+def size_bars_figure(labels: Sequence[str], sizes: Mapping[str, Sequence[float]], unit: str = "MB",
+                     references: Mapping[str, float] | None = None, log: bool = True,
+                     title: str | None = None) -> Figure:
+    """Grouped bars: for each label, one bar per series in `sizes` (e.g. "fp32", "fp16"), each bar labelled
+    with its value; `references` (e.g. {"UNet, fp32": 6.8}) are dashed horizontal lines."""
+    for name, values in sizes.items():
+        if len(values) != len(labels):
+            raise ValueError(f"series {name!r} has {len(values)} values for {len(labels)} labels")
+    fig = CourseFigure(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.0), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    width = 0.8 / max(1, len(sizes))
+    for i, ((name, values), colour) in enumerate(zip(sizes.items(), _colours(len(sizes)), strict=True)):
+        bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, _numpy(values), width, color=colour, label=name)
+        ax.bar_label(bars, fmt="{:.3g}", fontsize=6, padding=1)
+    for (name, value), colour in zip((references or {}).items(), _colours(len(references or {}))[::-1],
+                                     strict=True):
+        ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=name)
+    ax.set_xticks(x, list(labels), rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=unit, title=title or "sizes", yscale="log" if log else "linear")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def _colours(n: int) -> list:
     cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
     return [cycle[i % len(cycle)] for i in range(n)]

@@ -12,8 +12,10 @@ from lora_nb.viz import (
     layer_energy_figure,
     loss_figure,
     parameter_count_figure,
+    rank_sweep_figure,
     reconstruction_error_figure,
     save_figure,
+    size_bars_figure,
     spectrum_figure,
     token_share_figure,
 )
@@ -123,3 +125,46 @@ def test_save_figure_writes_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(path).size[0] > 0
     assert save_figure(fig, tmp_path, "again.png").name == "again.png"
+
+
+def sweep_rows():
+    rows = [{"method": "base", "targets": "base model", "rank": None, "params": 0, "heldout_loss": 0.30}]
+    rows += [{"method": "lora", "targets": "attention", "rank": r, "params": 100 * r, "heldout_loss": 0.29 - r / 1000}
+             for r in (16, 1, 4)]  # out of order: the line is drawn by size
+    rows += [{"method": "lora", "targets": "cross-attention", "rank": 4, "params": 200, "heldout_loss": 0.285},
+             {"method": "full", "targets": "attention (full fine-tune)", "rank": None, "params": 5000,
+              "heldout_loss": 0.28}]
+    return rows
+
+
+def test_rank_sweep_figure_one_line_per_target_set_with_references():
+    (ax,) = rank_sweep_figure(sweep_rows()).axes
+    attention, cross, base_line, star, full_line = ax.lines  # references in the rows' order
+    assert list(attention.get_xdata()) == [100, 400, 1600]  # sorted by size
+    assert list(attention.get_ydata()) == pytest.approx([0.289, 0.286, 0.274])
+    assert list(cross.get_xdata()) == [200]
+    assert list(star.get_xdata()) == [5000] and star.get_marker() == "*"
+    assert list(full_line.get_ydata()) == [0.28, 0.28] and list(base_line.get_ydata()) == [0.30, 0.30]
+    assert sorted(t.get_text() for t in ax.texts) == ["r1", "r16", "r4", "r4"]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "held-out denoising loss"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["attention", "cross-attention", "base model (no adapter)", "attention (full fine-tune)"]
+
+
+def test_rank_sweep_figure_other_x():
+    rows = [{**r, "fp16_bytes": 2 * r["params"]} for r in sweep_rows()]
+    (ax,) = rank_sweep_figure(rows, x="fp16_bytes").axes
+    assert list(ax.lines[0].get_xdata()) == [200, 800, 3200] and "fp16" in ax.get_xlabel()
+
+
+def test_size_bars_figure_grouped_bars_labels_and_references():
+    fig = size_bars_figure(["a", "b", "c"], {"fp32": [4.0, 40.0, 400.0], "fp16": [2.0, 20.0, 200.0]}, unit="kB",
+                           references={"UNet": 6750.0})
+    (ax,) = fig.axes
+    assert [p.get_height() for p in ax.patches] == pytest.approx([4, 40, 400, 2, 20, 200])
+    assert [t.get_text() for t in ax.texts] == ["4", "40", "400", "2", "20", "200"]  # each bar's value
+    assert list(ax.lines[0].get_ydata()) == [6750.0, 6750.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert ax.get_yscale() == "log" and ax.get_ylabel() == "kB"
+    with pytest.raises(ValueError, match="2 values for 3 labels"):
+        size_bars_figure(["a", "b", "c"], {"fp32": [1.0, 2.0]})
