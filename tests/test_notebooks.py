@@ -15,6 +15,7 @@ EXPECTED_FIGURES = {
     "02-cross-attention": ["token-share", "attention-maps"],
     "03-pokemon-style": ["training-examples", "before", "loss", "before-after", "scale-sweep"],
     "04-dreambooth": ["instance-images", "before", "class-images", "after"],
+    "05-adapter-sizes": ["sweep-loss", "sweep-sizes", "sweep-samples", "sd-sizes"],
     "06-pivotal-tuning": ["comparison"],
     "07-inference-in-practice": ["mixing"],
 }
