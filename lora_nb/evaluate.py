@@ -95,32 +95,47 @@ def colour_accuracy(pipe, colours=tuple(COLOURS), shapes=SHAPES, per_colour: int
     return accuracy
 
 
-@torch.no_grad()
-def heldout_denoising_loss(pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32) -> float:
-    """Mean denoising loss on images the model was not trained on, with the same noise and timesteps every call.
+class HeldOut:
+    """Denoising loss on images a model was not trained on, comparable between models.
 
-    The diffusion loss of one example depends on its random timestep; averaging `repeats` fixed draws per
-    image makes the number comparable between a base model and its fine-tune.
+    The diffusion loss of one example depends on its random timestep and noise, so every model measured
+    gets the same draws (`repeats` per image, from `seed`); the frozen VAE's latents are computed once.
     """
-    from diffusers import DDPMScheduler
 
-    from .data import ImageTransform, tokenize
-    from .objective import denoising_loss
+    @torch.no_grad()
+    def __init__(self, pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32):
+        from diffusers import DDPMScheduler
 
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    transform = ImageTransform(size, center_crop=True)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-    generator = torch.Generator().manual_seed(seed)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    losses = []
-    for first in range(0, len(images), batch_size):
-        pixels = torch.stack([transform(im) for im in images[first:first + batch_size]]).to(device, dtype)
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        text = pipe.text_encoder(tokenize(pipe.tokenizer, list(captions[first:first + batch_size])).to(device))[0]
-        for _ in range(repeats):
-            losses.append(denoising_loss(pipe.unet, scheduler, latents, text,
-                                         generator=generator, reduce=False).cpu())
-    return float(torch.cat(losses).mean())
+        from .data import ImageTransform
+
+        self.captions, self.seed, self.repeats, self.batch_size = list(captions), seed, repeats, batch_size
+        transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        self.latents = []  # per batch: (batch, 4, h, w), scaled as the UNet sees them
+        for first in range(0, len(images), batch_size):
+            pixels = torch.stack([transform(im) for im in images[first:first + batch_size]]).to(device, dtype)
+            self.latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def loss(self, pipe) -> float:
+        from .data import tokenize
+        from .objective import denoising_loss
+
+        generator = torch.Generator().manual_seed(self.seed)
+        losses = []
+        for i, latents in enumerate(self.latents):
+            ids = tokenize(pipe.tokenizer, self.captions[i * self.batch_size:(i + 1) * self.batch_size])
+            text = pipe.text_encoder(ids.to(latents.device))[0]
+            for _ in range(self.repeats):
+                losses.append(denoising_loss(pipe.unet, self.scheduler, latents, text, generator=generator,
+                                             reduce=False).cpu())
+        return float(torch.cat(losses).mean())
+
+
+def heldout_denoising_loss(pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32) -> float:
+    """`pipe`'s mean denoising loss on held-out images, with fixed noise and timesteps (see HeldOut)."""
+    return HeldOut(pipe, images, captions, seed, repeats, batch_size).loss(pipe)
 
 
 def colour_histogram(image, bins: int = 4) -> np.ndarray:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageTransform, load_captioned_dataset, tokenize
+from .data import ImageTransform, load_captioned_dataset
+from .evaluate import HeldOut
 from .formats import load_lora_weights
 from .inference import load_base_pipeline
 from .inject import (
@@ -39,7 +40,6 @@ from .inject import (
     find_targets,
     remove_lora,
 )
-from .objective import denoising_loss
 from .sizes import adapter_size
 from .train import CaptionedImages, TrainConfig, train, training_resolution
 
@@ -107,39 +107,6 @@ class SharedCache(CaptionedImages):
             self._kept_text = self.text_embeddings
         self.latents = self._kept_latents if latents else None
         self.text_embeddings = self._kept_text if text else None
-
-
-class HeldOut:
-    """``evaluate.heldout_denoising_loss``, number for number, with the frozen VAE's latents computed once.
-
-    The same noise and timesteps are drawn for every model measured, so differences are the models'.
-    """
-
-    def __init__(self, pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32):
-        from diffusers import DDPMScheduler
-
-        self.captions, self.seed, self.repeats, self.batch_size = list(captions), seed, repeats, batch_size
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        transform = ImageTransform(size, center_crop=True)
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
-        device, dtype = pipe.unet.device, pipe.unet.dtype
-        self.latents = []
-        with torch.no_grad():
-            for first in range(0, len(images), batch_size):
-                pixels = torch.stack([transform(im) for im in images[first:first + batch_size]]).to(device, dtype)
-                self.latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
-
-    @torch.no_grad()
-    def loss(self, pipe) -> float:
-        generator = torch.Generator().manual_seed(self.seed)
-        losses = []
-        for i, latents in enumerate(self.latents):
-            ids = tokenize(pipe.tokenizer, self.captions[i * self.batch_size:(i + 1) * self.batch_size])
-            text = pipe.text_encoder(ids.to(latents.device))[0]
-            for _ in range(self.repeats):
-                losses.append(denoising_loss(pipe.unet, self.scheduler, latents, text, generator=generator,
-                                             reduce=False).cpu())
-        return float(torch.cat(losses).mean())
 
 
 def run_sweep(

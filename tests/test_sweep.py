@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 from lora_nb.data import load_captioned_dataset
-from lora_nb.evaluate import heldout_denoising_loss
+from lora_nb.evaluate import HeldOut
 from lora_nb.formats import read_lora_file
 from lora_nb.inference import load_base_pipeline
 from lora_nb.sizes import adapter_size
-from lora_nb.sweep import BASE, HeldOut, format_bytes, meta_parts, run_label, run_sweep, sweep_table
+from lora_nb.sweep import BASE, format_bytes, meta_parts, run_label, run_sweep, sweep_table
 from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 
@@ -83,13 +83,12 @@ def test_a_sweep_run_is_the_adapter_train_makes_alone(rows, tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_held_out_loss_is_evaluates_number_for_number():
+def test_held_out_loss_draws_the_same_noise_every_call():
     pipe = load_base_pipeline(TINY_SD_PATH)
     data = load_captioned_dataset(CREATURES).select(range(290, 300))
-    ours = HeldOut(pipe, data["image"], data["text"], seed=3, repeats=2, batch_size=4)
-    assert ours.loss(pipe) == heldout_denoising_loss(pipe, data["image"], data["text"], seed=3, repeats=2,
-                                                     batch_size=4)
-    assert ours.loss(pipe) == ours.loss(pipe)  # the same noise every call
+    held_out = HeldOut(pipe, data["image"], data["text"], seed=3, repeats=2, batch_size=4)
+    assert held_out.loss(pipe) == held_out.loss(pipe)
+    assert held_out.loss(pipe) != HeldOut(pipe, data["image"], data["text"], seed=4, repeats=2).loss(pipe)
 
 
 def test_table_has_a_line_per_run(rows):
