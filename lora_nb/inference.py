@@ -117,9 +117,13 @@ def load_lora_pipeline(
     """
     adapter_file = _adapter_file(path)
     repo_id = None if Path(path).exists() else str(path)
-    base_model = base_model or base_model_from_card(adapter_file, repo_id)
     if not base_model:
-        raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
+        base_model = base_model_from_card(adapter_file, repo_id)
+        if not base_model:
+            raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
+        beside = adapter_file.parent / base_model
+        if not Path(base_model).is_absolute() and beside.exists():  # a local base, named relative to the adapter
+            base_model = str(beside.resolve())
     tensors, _ = read_lora_file(adapter_file)  # check the file before the (possibly large) base loads
     pipe = load_base_pipeline(base_model, dtype, device, fast_scheduler)
     has_text = any(k.startswith("text_encoder.") for k in tensors)

@@ -457,8 +457,11 @@ def write_model_card(config: TrainConfig, result: TrainResult, sample_images: li
     for i, image in enumerate(sample_images):
         image.save(out / f"image_{i}.png")
         names.append(f"image_{i}.png")
+    base_model = config.pretrained_model_name_or_path
+    if Path(base_model).exists():  # a local base: named relative to the adapter, so the two can move together
+        base_model = os.path.relpath(Path(base_model).resolve(), out.resolve())
     data = ModelCardData(
-        base_model=config.pretrained_model_name_or_path,
+        base_model=base_model,
         library_name="diffusers",
         license="creativeml-openrail-m" if "stable-diffusion" in config.pretrained_model_name_or_path else "apache-2.0",
         tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora",

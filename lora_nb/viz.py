@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: i
             # 32 px images: "nearest" shows the pixels the model drew, not a blur of them.
             ax.imshow(np.asarray(images[i]), interpolation="nearest")
             if captions is not None:
-                ax.set_title(captions[i], fontsize=7, wrap=True)
+                ax.set_title(textwrap.fill(captions[i], width=int(14 * size)), fontsize=7)
     if title:
         fig.suptitle(title)
     return fig

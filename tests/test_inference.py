@@ -48,6 +48,19 @@ def test_base_model_comes_from_the_card(adapter_dir):
     assert pipe.lora.base_model == str(TINY_SD_PATH)
 
 
+def test_a_local_base_named_relative_to_the_adapter_is_found(tmp_path, adapter_dir):
+    import os
+
+    from huggingface_hub import ModelCard, ModelCardData
+
+    moved = tmp_path / "elsewhere" / "adapter"
+    moved.mkdir(parents=True)
+    (moved / "pytorch_lora_weights.safetensors").write_bytes((adapter_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    relative = os.path.relpath(TINY_SD_PATH, moved)
+    ModelCard(f"---\n{ModelCardData(base_model=relative).to_yaml()}\n---\n").save(moved / "README.md")
+    assert load_lora_pipeline(moved).lora.base_model == str(TINY_SD_PATH.resolve())
+
+
 def test_a_weights_file_alone_needs_base_model(tmp_path, adapter_dir):
     lone = tmp_path / "adapter.safetensors"
     lone.write_bytes((adapter_dir / "pytorch_lora_weights.safetensors").read_bytes())

@@ -60,7 +60,7 @@ def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
     assert len(list((out / "validation").glob("*.png"))) == 1
 
     card = (out / "README.md").read_text()
-    assert f"base_model: {TINY_SD_PATH}" in card
+    assert f"base_model: {os.path.relpath(TINY_SD_PATH.resolve(), out.resolve())}" in card  # relative to the adapter
     for tag in ("lora", "diffusers", "text-to-image"):
         assert f"- {tag}\n" in card
     assert "![Totoro](./image_0.png)" in card and (out / "image_0.png").is_file()
