@@ -65,7 +65,8 @@ def train_vae(pipe, work: Path, args) -> None:
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # not when seeded from an export (--init-from)
+            optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
     vae.train()
     start = time.time()
@@ -117,8 +118,10 @@ def train_denoiser(pipe, work: Path, args) -> None:
         state = torch.load(ckpt, weights_only=False)
         for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
                             (ema_text, "ema_text"), (optimizer, "optimizer")):
-            module.load_state_dict(state[key])
-        generator.set_state(state["generator"])
+            if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
+                module.load_state_dict(state[key])
+        if "generator" in state:
+            generator.set_state(state["generator"])
         step = state["step"]
     unet.train()
     text_encoder.train()
@@ -182,16 +185,18 @@ def export(pipe, work: Path, out: Path, args) -> None:
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp)
     count = lambda m: sum(p.numel() for p in m.parameters())
+    vae_steps = torch.load(work / "vae.pt", weights_only=False)["step"]
     card = ModelCard(CARD.format(
         params=(count(pipe.unet) + count(pipe.vae) + count(pipe.text_encoder)) / 1e6,
         size=pipe.vae.config.sample_size, unet_blocks=tuple(pipe.unet.config.block_out_channels),
         vae_blocks=tuple(pipe.vae.config.block_out_channels), cross=pipe.unet.config.cross_attention_dim,
         layers=pipe.text_encoder.config.num_hidden_layers, unet=count(pipe.unet), vae=count(pipe.vae),
-        text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), vae_steps=args.vae_steps,
+        text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), vae_steps=vae_steps,
         steps=state["step"], batch=args.batch_size, lr=args.lr, snr=args.snr_gamma, ema=args.ema_decay,
         pool=args.pool_size,
     ))
     card.data.library_name = "diffusers"
+    card.data.pretrain_steps = {"vae": vae_steps, "unet": state["step"]}  # read back by --init-from
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
     card.save(tmp / "README.md")
     # Swap folders so a reader never sees a half-written pipeline.
@@ -201,6 +206,25 @@ def export(pipe, work: Path, out: Path, args) -> None:
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     print(f"exported step {state['step']} to {out}")
+
+
+def seed_from_export(export: Path, work: Path) -> None:
+    """Make `work`'s checkpoints from an exported pipeline, to continue pretraining on a machine without them.
+
+    The export holds the EMA weights; they become both the weights and their average. The optimiser's
+    moments are not exported, so AdamW starts afresh (after its warm-up, as at the start).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    exported = StableDiffusionPipeline.from_pretrained(export)
+    steps = ModelCard.load(export / "README.md").data.get("pretrain_steps")
+    if not steps:
+        raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
+    save_atomically({"vae": exported.vae.state_dict(), "step": steps["vae"]}, work / "vae.pt")
+    unet, text = exported.unet.state_dict(), exported.text_encoder.state_dict()
+    save_atomically({"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text, "step": steps["unet"]},
+                    work / "denoiser.pt")
+    print(f"seeded {work} from {export}: VAE step {steps['vae']}, UNet step {steps['unet']}")
 
 
 def main() -> None:
@@ -219,9 +243,12 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=40_000)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--export-only", action="store_true", help="export the last checkpoint and stop")
+    parser.add_argument("--init-from", type=Path, help="an export to continue from when --work holds no checkpoints")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.init_from and not (args.work / "denoiser.pt").exists():
+        seed_from_export(args.init_from, args.work)
     pipe = build_untrained_pipeline(seed=0)
     if not args.export_only:
         train_vae(pipe, args.work, args)
