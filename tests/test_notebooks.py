@@ -8,15 +8,14 @@ import pytest
 from lora_nb.course import course_notebooks, run_notebook
 from lora_nb.formats import read_lora_file
 
-# The figures each notebook saves (and shows); a new notebook must be listed here.
+# The figures each notebook saves (and shows); a new notebook must be listed here. Drafts in notebooks/drafts
+# (04 DreamBooth, 06 pivotal tuning: their fidelity claims wait for a stronger base model) are not run.
 EXPECTED_FIGURES = {
     "01-low-rank": ["weight-spectra", "parameter-count", "loss", "update-spectrum", "update-error",
                     "energy-per-layer"],
     "02-cross-attention": ["token-share", "attention-maps"],
     "03-pokemon-style": ["training-examples", "before", "loss", "before-after", "scale-sweep"],
-    "04-dreambooth": ["instance-images", "before", "class-images", "after"],
     "05-adapter-sizes": ["sweep-loss", "sweep-sizes", "sweep-samples", "sd-sizes"],
-    "06-pivotal-tuning": ["comparison"],
     "07-inference-in-practice": ["mixing"],
 }
 NOTEBOOKS = course_notebooks()
