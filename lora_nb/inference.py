@@ -11,14 +11,14 @@ peft, with lora_nb's layers, and leaves the base weights untouched until you fus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora_file
-from .inject import lora_layers, merge_lora, remove_lora, set_lora_scale, unmerge_lora
+from .inject import lora_layers, merge_lora, remove_lora, replace_module, set_lora_scale, unmerge_lora
 from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
 
@@ -56,7 +56,11 @@ class PipelineLoRA:
     path: Path
     base_model: str
     token: str | None = None  # a textual-inversion token loaded with the adapter (pivotal tuning)
-    fused: bool = False
+    set_aside: list = field(default_factory=list)  # while fused: (model, {name: LoRALinear}) to put back
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.set_aside)
 
     def _models(self):
         return [m for m in (self.pipe.unet, self.pipe.text_encoder) if lora_layers(m)]
@@ -69,24 +73,38 @@ class PipelineLoRA:
             set_lora_scale(model, scale)
 
     def fuse(self) -> None:
-        """Fold the adapter into the base weights: no extra cost per step; unfuse() restores them bit-exactly."""
+        """Fold the adapter into the base weights: inference then costs what the base model costs.
+
+        The merged wrappers would still cost a Python call each, so the plain layers take their place
+        until unfuse(), which puts them back and restores the base weights bit-exactly.
+        """
+        if self.fused:
+            raise RuntimeError("the adapter is already fused")
         for model in self._models():
             merge_lora(model)
-        self.fused = True
+            layers = lora_layers(model)
+            for name, layer in layers.items():
+                replace_module(model, name, layer.base)
+            self.set_aside.append((model, layers))
 
     def unfuse(self) -> None:
-        for model in self._models():
+        if not self.fused:
+            raise RuntimeError("the adapter is not fused")
+        for model, layers in self.set_aside:
+            for name, layer in layers.items():
+                replace_module(model, name, layer)
             unmerge_lora(model)
-        self.fused = False
+        self.set_aside = []
 
     def remove(self) -> None:
         """Back to the base pipeline: the original layers and weights, as loaded."""
+        if self.fused:
+            self.unfuse()
         for model in self._models():
             remove_lora(model)
         if self.token:
             self.pipe.unload_textual_inversion(self.token)
             self.token = None
-        self.fused = False
 
 
 def load_base_pipeline(base_model: str | Path, dtype: torch.dtype | None = None,
