@@ -411,3 +411,25 @@ def test_load_lora_pipeline_takes_any_layout(tmp_path, layout, pipeline_factory,
         path = path / "pytorch_lora_weights.bin"
     pipe = load_lora_pipeline(path, base_model=str(tmp_path / "base"), fast_scheduler=False)
     torch.testing.assert_close(run_unet(pipe.unet, unet_inputs), run_unet(unet, unet_inputs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", FORMATS)
+def test_each_layout_draws_the_same_image_on_the_embedded_pipeline(tmp_path, layout):
+    """The issue's bar: on data/tiny-sd itself, every layout gives the image its source adapter gives."""
+    import numpy as np
+
+    from lora_nb.inference import load_base_pipeline, load_lora_pipeline
+    from lora_nb.tiny import TINY_SD_PATH
+
+    source = load_base_pipeline(TINY_SD_PATH)
+    torch.manual_seed(0)
+    inject_lora(source.unet, UNET_ATTENTION, rank=4)  # alpha = rank: the blog-era layout stores none
+    randomize_lora(source.unet, 3)
+    path = write_layout(tmp_path / layout, layout, source.unet, None)
+
+    def draw(pipe):
+        return pipe("a red circle", num_inference_steps=4, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    loaded = load_lora_pipeline(path, base_model=str(TINY_SD_PATH))
+    assert np.abs(draw(loaded) - draw(source)).max() < 1e-6
