@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora_file
+from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora
 from .inject import lora_layers, merge_lora, remove_lora, replace_module, set_lora_scale, unmerge_lora
 from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
@@ -142,10 +142,10 @@ def load_lora_pipeline(
         beside = adapter_file.parent / base_model
         if not Path(base_model).is_absolute() and beside.exists():  # a local base, named relative to the adapter
             base_model = str(beside.resolve())
-    tensors, _ = read_lora_file(adapter_file)  # check the file before the (possibly large) base loads
+    lora = read_lora(adapter_file)  # read (and check) the file once, before the possibly large base loads
     pipe = load_base_pipeline(base_model, dtype, device, fast_scheduler)
-    has_text = any(k.startswith("text_encoder.") for k in tensors)
-    load_lora_weights(adapter_file, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
+    has_text = any(k.startswith("text_encoder.") for k in lora.tensors)
+    load_lora_weights(lora, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
     token = None
     if (adapter_file.parent / EMBEDDING_NAME).is_file():  # pivotal tuning saves its new word beside the LoRA
         token, _ = read_learned_embedding(adapter_file.parent)
