@@ -8,6 +8,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from lora_nb.inject import lora_parameters
+
 # These models are tiny: a second thread costs more in synchronisation than it saves (100x, on a busy CPU).
 # The tests run two at a time (pytest-xdist), so subprocesses and notebook kernels get one thread too.
 torch.set_num_threads(1)
@@ -47,6 +49,14 @@ def make_text_encoder() -> CLIPTextModel:
         pad_token_id=1,
     )
     return CLIPTextModel(config).eval()
+
+
+def randomize_lora(model, seed: int = 0) -> None:
+    """Non-zero B (and new A), as after some training."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.1)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from conftest import make_text_encoder, make_unet
+from conftest import make_text_encoder, make_unet, randomize_lora
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
@@ -28,19 +28,11 @@ from lora_nb.inject import (
     UNET_FEED_FORWARD,
     inject_lora,
     lora_layers,
-    lora_parameters,
     set_lora_scale,
 )
 
 # Same ops on the same numbers; the slack only covers a different order of floating-point additions.
 ATOL, RTOL = 1e-6, 1e-5
-
-
-def randomize_lora(model: nn.Module, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(std=0.1)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_lora
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -23,14 +24,6 @@ from lora_nb.inject import (
     unmerge_lora,
 )
 from lora_nb.layers import LoRALinear
-
-
-def randomize_lora(model: nn.Module, seed: int = 0) -> None:
-    """Non-zero B (and new A), as after some training."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.normal_(std=0.1)
 
 
 @torch.no_grad()
