@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -27,9 +30,32 @@ def course_notebooks(only: list[str] | None = None) -> list[Path]:
     return [nb for nb in found if not only or any(nb.name.startswith(p) for p in only)]
 
 
-def run_notebook(notebook: Path, out: Path, parameters: dict | None = None) -> Path:
-    """Execute `notebook` with papermill into `out/<name>`; its `output_dir` parameter is `out/<stem>`."""
+def _kernel_manager_class():
+    """On Unix, each kernel talks over Unix sockets of its own (a fresh name in the temporary folder).
+
+    Over TCP, a kernel's ports are picked free and then released before the kernel binds them, so two notebooks
+    started at the same moment (pytest-xdist, two course runs) can pick the same port and one waits forever.
+    """
+    from jupyter_client import AsyncKernelManager
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(transport="ipc", ip=str(Path(tempfile.gettempdir()) / f"kernel-{uuid.uuid4().hex}"),
+                             **kwargs)
+
+    return UnixSocketKernelManager
+
+
+def run_notebook(notebook: Path, out: Path, parameters: dict | None = None, cell_timeout: float | None = None) -> Path:
+    """Execute `notebook` with papermill into `out/<name>`; its `output_dir` parameter is `out/<stem>`.
+
+    `cell_timeout` (seconds; None: no limit) turns a cell that hangs into a failure that names it.
+    """
     import papermill
+    from nbclient.exceptions import CellTimeoutError
     from papermill.exceptions import PapermillExecutionError
 
     out.mkdir(parents=True, exist_ok=True)
@@ -37,10 +63,13 @@ def run_notebook(notebook: Path, out: Path, parameters: dict | None = None) -> P
     parameters = {"output_dir": str((out / notebook.stem).resolve()), **(parameters or {})}
     try:
         papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
-                                   progress_bar=False, kernel_name="python3")
+                                   progress_bar=False, kernel_name="python3", execution_timeout=cell_timeout,
+                                   kernel_manager_class=_kernel_manager_class())
     except PapermillExecutionError as error:
         raise NotebookFailed(f"{notebook.name}: cell {error.exec_count} (index {error.cell_index}) failed: "
                              f"{error.ename}: {error.evalue}") from None
+    except CellTimeoutError as error:  # its message quotes the cell
+        raise NotebookFailed(f"{notebook.name}: {error}") from None
     return executed
 
 

@@ -15,6 +15,11 @@ from lora_nb.inject import lora_parameters
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_collection_modifyitems(items):
+    """The notebooks first: the longest tests started early, and work-stealing, keep both workers busy to the end."""
+    items.sort(key=lambda item: item.module.__name__ != "test_notebooks")
+
 TEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
 MAX_TOKENS = 16
 

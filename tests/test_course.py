@@ -26,6 +26,12 @@ def test_a_failing_cell_is_named_and_the_run_is_kept(tmp_path):
     assert printed == [str((out / "09-broken").resolve()) + "\n"]  # the runner's output_dir was injected
 
 
+def test_a_hanging_cell_fails_and_is_named(tmp_path):
+    notebook = write_notebook(tmp_path / "09-hangs.ipynb", "output_dir = 'x'", "import time\ntime.sleep(60)")
+    with pytest.raises(course.NotebookFailed, match=r"(?s)09-hangs.ipynb: .*timed out.*time.sleep\(60\)"):
+        course.run_notebook(notebook, tmp_path / "out", cell_timeout=2)
+
+
 def test_index_links_the_pages_in_order(tmp_path):
     pages = [(tmp_path / "01-first.html", 3.0), (tmp_path / "02-second.html", 4.0)]
     html = course.write_index(tmp_path, pages).read_text()
