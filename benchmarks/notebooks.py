@@ -72,19 +72,19 @@ def have_psutil() -> bool:
 
 
 def notebook_times(output: str) -> dict[str, float]:
-    """{notebook: seconds} from the runner's "running X.ipynb ..." / "  done in N s" lines."""
-    times, current = {}, None
+    """{notebook: seconds} from the runner's "NN-topic.ipynb done in N s -> page" lines."""
+    times = {}
     for line in output.splitlines():
-        if line.startswith("running ") and line.endswith(" ..."):
-            current = line.removeprefix("running ").removesuffix(" ...")
-        elif line.strip().startswith("done in ") and current:
-            times[current] = float(line.split()[2])
-    return times
+        name, found, rest = line.partition(".ipynb done in ")
+        if found:
+            times[name + ".ipynb"] = float(rest.split()[0])
+    return dict(sorted(times.items()))
 
 
-def run_suite(settings: Settings, only: list[str] | None = None) -> SuiteRun:
-    env = dict(os.environ, OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+def run_suite(only: list[str] | None = None) -> SuiteRun:
+    # As scripts/course.sh runs it: the runner picks its notebooks at a time and their threads itself.
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory(prefix="lora_nb-course-") as out:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
@@ -115,7 +115,7 @@ def run_suite(settings: Settings, only: list[str] | None = None) -> SuiteRun:
 def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = None) -> Section:
     runs = []
     for _ in range(repeats):
-        runs.append(run_suite(settings, only))
+        runs.append(run_suite(only))
         if runs[-1].failure:
             runs = runs[-1:]  # report the failed run alone, as far as it got
             break
@@ -140,7 +140,8 @@ def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = Non
 
     names = ", ".join(nb.name for nb in course_notebooks(only))
     notes = [(f"`python -m lora_nb.course --out <tmp>` on the embedded default: {names}; executed notebooks and "
-             f"HTML pages are written (to a temporary folder), as in CI. OMP_NUM_THREADS={settings.threads}."),
+             "HTML pages are written (to a temporary folder), as the README's main job does: the runner's own "
+             "default of one notebook per core on a CPU, the cores split between their kernels; `--threads` does not apply."),
              ("The getrusage peak is over every child this benchmark process has waited for, so it is the largest "
              "process of the runs so far.")]
     if failure:

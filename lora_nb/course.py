@@ -2,6 +2,10 @@
 
     python -m lora_nb.course --out outputs/course          # the whole course, embedded default
     python -m lora_nb.course --out out --only 03 -p max_train_steps 50
+    python -m lora_nb.course --jobs 1                      # one notebook at a time
+
+On a CPU the notebooks run side by side, one per core (each kernel on one thread: the embedded model is
+too small for a second thread to pay); with a GPU, one at a time.
 
 Each notebook gets its own `output_dir` parameter (a folder under `--out`) for the figures and files it
 writes. A failing cell is reported with its notebook and cell number.
@@ -11,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import html
+import multiprocessing
 import os
 import tempfile
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -91,21 +97,50 @@ def write_index(out: Path, pages: list[tuple[Path, float]]) -> Path:
     return index
 
 
-def run_course(out: Path, only: list[str] | None = None, parameters: dict | None = None) -> Path:
-    pages = []
-    for notebook in course_notebooks(only):
-        start = time.time()
-        print(f"running {notebook.name} ...", flush=True)
-        executed = run_notebook(notebook, out, parameters)
-        pages.append((to_html(executed), time.time() - start))
-        print(f"  done in {pages[-1][1]:.0f} s -> {pages[-1][0]}", flush=True)
-    return write_index(out, pages)
+def _run_and_render(notebook: Path, out: Path, parameters: dict | None) -> tuple[Path, float]:
+    start = time.time()
+    page = to_html(run_notebook(notebook, out, parameters))
+    return page, time.time() - start
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs(notebooks: int) -> int:
+    """One notebook per core on a CPU; one at a time when a GPU is there to share."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(usable_cores(), notebooks))
+
+
+def run_course(out: Path, only: list[str] | None = None, parameters: dict | None = None,
+               jobs: int | None = None) -> Path:
+    """Execute the notebooks (`jobs` at a time), render each to HTML, and link them in order from index.html."""
+    notebooks = course_notebooks(only)
+    jobs = jobs or default_jobs(len(notebooks))
+    if jobs > 1:  # the kernels inherit it: side by side, more threads than cores would make them all crawl
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // jobs))
+    print(f"running {len(notebooks)} notebooks, {jobs} at a time", flush=True)
+    pages = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {pool.submit(_run_and_render, nb, out, parameters): nb for nb in notebooks}
+        for future in as_completed(running):
+            try:
+                pages[running[future]] = future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # the notebooks already running finish; no new ones start
+                raise
+            page, seconds = pages[running[future]]
+            print(f"{running[future].name} done in {seconds:.0f} s -> {page}", flush=True)
+    return write_index(out, [pages[nb] for nb in notebooks])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/course"))
     parser.add_argument("--only", nargs="*", help="notebook number prefixes, e.g. 01 03")
+    parser.add_argument("--jobs", type=int, help="notebooks run at once (default: one per core; 1 with a GPU)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a papermill parameter for every notebook (value read as Python literal if it can be)")
     args = parser.parse_args(argv)
@@ -117,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             parameters[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parameters[name] = value
-    index = run_course(args.out, args.only, parameters)
+    index = run_course(args.out, args.only, parameters, args.jobs)
     print(f"course written: {index}")
 
 

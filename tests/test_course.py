@@ -32,6 +32,17 @@ def test_a_hanging_cell_fails_and_is_named(tmp_path):
         course.run_notebook(notebook, tmp_path / "out", cell_timeout=2)
 
 
+def test_notebooks_run_side_by_side_and_the_index_keeps_their_order(tmp_path, monkeypatch):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder / "01-slow.ipynb", "output_dir = 'x'", "import time\ntime.sleep(3)")
+    write_notebook(folder / "02-quick.ipynb", "output_dir = 'x'", "print('hello')")
+    monkeypatch.setattr(course, "NOTEBOOKS_DIR", folder)
+    html = course.run_course(tmp_path / "out", jobs=2).read_text()
+    assert html.index('href="01-slow.html"') < html.index('href="02-quick.html"')  # 02 finished first
+    assert "hello" in (tmp_path / "out" / "02-quick.html").read_text()
+
+
 def test_index_links_the_pages_in_order(tmp_path):
     pages = [(tmp_path / "01-first.html", 3.0), (tmp_path / "02-second.html", 4.0)]
     html = course.write_index(tmp_path, pages).read_text()
