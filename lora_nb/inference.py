@@ -18,7 +18,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora
-from .inject import lora_layers, merge_lora, remove_lora, replace_module, set_lora_scale, unmerge_lora
+from .inject import fuse_lora, lora_layers, remove_lora, set_lora_scale, unfuse_lora
 from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
 
@@ -75,25 +75,18 @@ class PipelineLoRA:
     def fuse(self) -> None:
         """Fold the adapter into the base weights: inference then costs what the base model costs.
 
-        The merged wrappers would still cost a Python call each, so the plain layers take their place
-        until unfuse(), which puts them back and restores the base weights bit-exactly.
+        The plain layers take the LoRA layers' places until unfuse(), which puts them back and restores
+        the base weights bit-exactly.
         """
         if self.fused:
             raise RuntimeError("the adapter is already fused")
-        for model in self._models():
-            merge_lora(model)
-            layers = lora_layers(model)
-            for name, layer in layers.items():
-                replace_module(model, name, layer.base)
-            self.set_aside.append((model, layers))
+        self.set_aside = [(model, fuse_lora(model)) for model in self._models()]
 
     def unfuse(self) -> None:
         if not self.fused:
             raise RuntimeError("the adapter is not fused")
         for model, layers in self.set_aside:
-            for name, layer in layers.items():
-                replace_module(model, name, layer)
-            unmerge_lora(model)
+            unfuse_lora(model, layers)
         self.set_aside = []
 
     def remove(self) -> None:

@@ -142,6 +142,26 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def fuse_lora(model: nn.Module) -> dict[str, LoRALinear]:
+    """Merge every LoRA update, then put the plain nn.Linear layers in the wrappers' places.
+
+    A merged wrapper still costs a Python call per layer; a fused model is the base module tree with the
+    merged weights, so inference costs what the base costs. Returns the wrappers, for unfuse_lora().
+    """
+    merge_lora(model)
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        replace_module(model, name, layer.base)
+    return layers
+
+
+def unfuse_lora(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+    """Put back the wrappers fuse_lora() returned and restore the base weights bit-exactly."""
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    unmerge_lora(model)
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The LoRA factors, as a list: a generator would be used up by the optimizer, leaving e.g. clipping nothing."""
     return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]

@@ -14,6 +14,7 @@ from lora_nb.inject import (
     UNET_FEED_FORWARD,
     count_parameters,
     find_targets,
+    fuse_lora,
     inject_lora,
     lora_layers,
     lora_parameters,
@@ -21,6 +22,7 @@ from lora_nb.inject import (
     merge_lora,
     remove_lora,
     set_lora_scale,
+    unfuse_lora,
     unmerge_lora,
 )
 from lora_nb.layers import LoRALinear
@@ -67,6 +69,20 @@ def test_merge_lora_matches_unmerged_and_unmerge_restores_exactly(unet, unet_inp
         set_lora_scale(unet, 0.5)  # would silently do nothing
     torch.testing.assert_close(run(unet, unet_inputs), y, atol=1e-5, rtol=1e-5)  # fp32 rounding only
     unmerge_lora(unet)
+    assert_same_state(unet, before)
+    assert torch.equal(run(unet, unet_inputs), y)
+
+
+def test_fused_model_is_the_base_module_tree_and_unfuse_restores_it(unet, unet_inputs):
+    inject_lora(unet, UNET_ATTENTION, rank=4)
+    randomize_lora(unet)
+    before = snapshot(unet)
+    y = run(unet, unet_inputs)
+    layers = fuse_lora(unet)
+    assert not any(isinstance(m, LoRALinear) for m in unet.modules())  # no wrapper call left per layer
+    torch.testing.assert_close(run(unet, unet_inputs), y, atol=1e-5, rtol=1e-5)
+    unfuse_lora(unet, layers)
+    assert lora_layers(unet).keys() == layers.keys()
     assert_same_state(unet, before)
     assert torch.equal(run(unet, unet_inputs), y)
 
