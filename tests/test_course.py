@@ -35,7 +35,7 @@ def test_a_hanging_cell_fails_and_is_named(tmp_path):
 def test_notebooks_run_side_by_side_and_the_index_keeps_their_order(tmp_path, monkeypatch):
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    write_notebook(folder / "01-slow.ipynb", "output_dir = 'x'", "import time\ntime.sleep(3)")
+    write_notebook(folder / "01-slow.ipynb", "output_dir = 'x'", "import time\ntime.sleep(1)")
     write_notebook(folder / "02-quick.ipynb", "output_dir = 'x'", "print('hello')")
     monkeypatch.setattr(course, "NOTEBOOKS_DIR", folder)
     html = course.run_course(tmp_path / "out", jobs=2).read_text()

@@ -65,7 +65,8 @@ def test_notebook_runs_with_its_defaults(notebook, tmp_path):
 def test_parameters_can_be_injected(tmp_path):
     """papermill's injected parameters reach the code: a rank-2, 10-step run writes a rank-2 adapter."""
     notebook = next(nb for nb in NOTEBOOKS if nb.stem == "03-pokemon-style")
-    executed = run_notebook(notebook, tmp_path, {"rank": 2, "max_train_steps": 10, "prompts": ["a drawing"]},
+    executed = run_notebook(notebook, tmp_path, {"rank": 2, "max_train_steps": 10, "prompts": ["a drawing"],
+                                                "num_inference_steps": 5},
                             cell_timeout=CELL_TIMEOUT)
     nb = nbformat.read(executed, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
