@@ -120,7 +120,8 @@ def bench_tiny(settings: Settings) -> tuple[list[list[str]], list[Target], list[
 
     control = load_tiny_pipeline(settings.model)  # A/A: a second, identical base pipeline
     control.set_progress_bar_config(disable=True)
-    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_call(adapted.lora, call(adapted), lambda: run_pipe(adapted)),
+    fused_timing = fused_call(adapted.lora, call(adapted), lambda: run_pipe(adapted))
+    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_timing,
                         "control": call(control)}, settings.repeats)
     rows = [row(f"tiny-sd pipeline, {STEPS} steps, 1 prompt (UNet batch 2)", stats)]
     fused = paired_ratio(stats["fused"], stats["base"])
@@ -160,7 +161,8 @@ def bench_sd15_block(settings: Settings) -> tuple[list[list[str]], list[Target],
 
     def call(block):
         forward(block)  # warm-up
-        return lambda: time_per_call(lambda: forward(block), settings.min_time, min_calls=1 if settings.quick else 3)
+        calls = 1 if settings.quick else 3
+        return lambda: time_per_call(lambda: forward(block), settings.min_time, min_calls=calls)
 
     class Fused:
         def fuse(self):
@@ -170,7 +172,8 @@ def bench_sd15_block(settings: Settings) -> tuple[list[list[str]], list[Target],
         def unfuse(self):
             unfuse_lora(adapted, self.wrappers)
 
-    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_call(Fused(), call(adapted), lambda: forward(adapted)),
+    fused_timing = fused_call(Fused(), call(adapted), lambda: forward(adapted))
+    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_timing,
                         "control": call(copy.deepcopy(base))}, settings.repeats)
     rows = [row("SD-1.5 attention block (320 ch, 4096 tokens, batch 2), forward", stats)]
     fused = paired_ratio(stats["fused"], stats["base"])

@@ -39,7 +39,7 @@ from .train import TrainConfig, train
 
 __all__ = [
     "TEXT_ENCODER_ATTENTION", "TINY_SD_PATH", "UNET_ATTENTION", "UNET_CROSS_ATTENTION", "LoRALinear",
-    "TrainConfig", "count_parameters", "export_kohya", "fuse_lora", "inject_lora", "load_lora_pipeline", "load_lora_weights",
-    "load_tiny_pipeline", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora", "mix_loras",
+    "TrainConfig", "count_parameters", "export_kohya", "fuse_lora", "inject_lora", "load_lora_pipeline",
+    "load_lora_weights", "load_tiny_pipeline", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora", "mix_loras",
     "read_lora", "remove_lora", "save_lora_weights", "set_lora_scale", "train", "unfuse_lora", "unmerge_lora",
 ]

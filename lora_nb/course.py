@@ -4,8 +4,8 @@
     python -m lora_nb.course --out out --only 03 -p max_train_steps 50
     python -m lora_nb.course --jobs 1                      # one notebook at a time
 
-On a CPU the notebooks run side by side, one per core (each kernel on one thread: the embedded model is
-too small for a second thread to pay); with a GPU, one at a time.
+On a CPU the notebooks run side by side, one per core, the cores split between their kernels; with a GPU,
+one at a time.
 
 Each notebook gets its own `output_dir` parameter (a folder under `--out`) for the figures and files it
 writes. A failing cell is reported with its notebook and cell number.
@@ -55,7 +55,8 @@ def _kernel_manager_class():
     return UnixSocketKernelManager
 
 
-def run_notebook(notebook: Path, out: Path, parameters: dict | None = None, cell_timeout: float | None = None) -> Path:
+def run_notebook(notebook: Path, out: Path, parameters: dict | None = None,
+                 cell_timeout: float | None = None) -> Path:
     """Execute `notebook` with papermill into `out/<name>`; its `output_dir` parameter is `out/<stem>`.
 
     `cell_timeout` (seconds; None: no limit) turns a cell that hangs into a failure that names it.
@@ -114,16 +115,20 @@ def default_jobs(notebooks: int) -> int:
     return 1 if torch.cuda.is_available() else max(1, min(usable_cores(), notebooks))
 
 
+def _set_threads(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def run_course(out: Path, only: list[str] | None = None, parameters: dict | None = None,
                jobs: int | None = None) -> Path:
     """Execute the notebooks (`jobs` at a time), render each to HTML, and link them in order from index.html."""
     notebooks = course_notebooks(only)
     jobs = jobs or default_jobs(len(notebooks))
-    if jobs > 1:  # the kernels inherit it: side by side, more threads than cores would make them all crawl
-        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // jobs))
+    # Side by side, more threads than cores would make every kernel crawl; the workers' kernels inherit this.
+    threads = {"initializer": _set_threads, "initargs": (max(1, usable_cores() // jobs),)} if jobs > 1 else {}
     print(f"running {len(notebooks)} notebooks, {jobs} at a time", flush=True)
     pages = {}
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), **threads) as pool:
         running = {pool.submit(_run_and_render, nb, out, parameters): nb for nb in notebooks}
         for future in as_completed(running):
             try:
