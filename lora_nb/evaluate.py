@@ -6,11 +6,14 @@ A foreground pixel votes for the named colour nearest to it, if it is saturated 
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 
-from .synthetic import COLOURS, SHAPES
+from .world import COLOURS, SHAPES
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
 _NAMES = list(COLOURS)
@@ -51,15 +54,239 @@ def dominant_colour(image, min_pixels: int = 8) -> str | None:
     return name if votes[name] >= min_pixels else None
 
 
-def foreground_geometry(image) -> dict[str, float]:
-    """Area (fraction of the image), centroid (x, y in [0, 1], y down), and how full its bounding box is."""
-    mask = foreground_mask(image)
+def colour_mask(image, colour: str) -> np.ndarray:
+    """The saturated foreground pixels whose nearest named colour is `colour`."""
+    rgb = _rgb(image)
+    saturated = (rgb.max(-1) - rgb.min(-1)) / np.maximum(rgb.max(-1), 1.0) >= MIN_SATURATION
+    nearest = np.linalg.norm(rgb[..., None, :] - _PALETTE, axis=-1).argmin(-1)
+    return foreground_mask(rgb) & saturated & (nearest == _NAMES.index(colour))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every region it encloses filled: outside is what the border reaches without crossing it."""
+    outside = np.zeros_like(mask)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        outside[edge] = ~mask[edge]
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~mask
+        if (grown == outside).all():
+            return ~outside
+        outside = grown
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the mask's pixels in [0, 1], y down; the image centre for an empty mask."""
     if not mask.any():
-        return {"area": 0.0, "x": 0.5, "y": 0.5, "box_fill": 0.0}
+        return 0.5, 0.5
     ys, xs = np.nonzero(mask)
-    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    return (xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0]
+
+
+def position_of(mask: np.ndarray, margin: float = 0.06) -> str:
+    """'left', 'right', 'top' or 'bottom' where the centroid is off centre by more than `margin`, else 'center'."""
+    x, y = (c - 0.5 for c in centroid(mask))
+    if max(abs(x), abs(y)) <= margin:
+        return "center"
+    if abs(x) >= abs(y):
+        return "left" if x < 0 else "right"
+    return "top" if y < 0 else "bottom"
+
+
+# A body's outline seen from its centre is flat for a circle and has 3, 4 or 5 bumps for a triangle, a
+# square or a star: the relative size of those harmonics of the radial profile tells the shape. The
+# typical sizes were read off drawn shapes; tests/test_evaluate.py checks the reading on the drawings.
+SHAPE_HARMONICS = {"triangle": (3, 0.28), "square": (4, 0.15), "star": (5, 0.3)}
+
+
+def radial_profile(mask: np.ndarray, rays: int = 90) -> np.ndarray:
+    """The distance from the mask's centroid to its farthest pixel along each of `rays` directions."""
     h, w = mask.shape
-    return {"area": mask.mean(), "x": (xs.mean() + 0.5) / w, "y": (ys.mean() + 0.5) / h, "box_fill": mask.sum() / box}
+    ys, xs = np.nonzero(mask)
+    angles = np.linspace(0, 2 * np.pi, rays, endpoint=False)[:, None]
+    steps = np.arange(0, max(h, w), 0.5)[None]
+    px = np.clip(np.round(xs.mean() + np.cos(angles) * steps).astype(int), 0, w - 1)
+    py = np.clip(np.round(ys.mean() + np.sin(angles) * steps).astype(int), 0, h - 1)
+    inside = mask[py, px]  # (rays, steps)
+    last = inside.shape[1] - 1 - np.argmax(inside[:, ::-1], axis=1)
+    return np.where(inside.any(1), steps[0, last], 0.0)
+
+
+def shape_of(image, min_pixels: int = 12) -> str | None:
+    """The shape of an image's single object: its foreground's silhouette read by SHAPE_HARMONICS."""
+    silhouette = fill_holes(foreground_mask(image))
+    if silhouette.sum() < min_pixels:
+        return None
+    profile = radial_profile(silhouette)
+    spectrum = np.abs(np.fft.rfft(profile)) * 2 / len(profile) / profile.mean()
+    scores = {name: spectrum[k] / typical for name, (k, typical) in SHAPE_HARMONICS.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] >= 0.4 else "circle"
+
+
+def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
+    shrunk = mask.copy()
+    for _ in range(pixels):
+        shrunk[1:-1, 1:-1] &= shrunk[:-2, 1:-1] & shrunk[2:, 1:-1] & shrunk[1:-1, :-2] & shrunk[1:-1, 2:]
+    return shrunk
+
+
+def body_colour(image, min_pixels: int = 8) -> str | None:
+    """The named colour most of the body's inside has: its silhouette less a rim where an outline may be."""
+    rgb = _rgb(image)
+    inside = erode(fill_holes(foreground_mask(rgb)), 2)
+    votes = {name: int((colour_mask(rgb, name) & inside).sum()) for name in _NAMES}
+    name = max(votes, key=votes.get)
+    return name if votes[name] >= min_pixels else None
+
+
+def dot_count(image, dots: str, min_pixels: int = 3) -> int:
+    """How many separate blobs of colour `dots` lie inside an image's single object, counted left to right."""
+    inside = erode(fill_holes(foreground_mask(image)), 1) & colour_mask(image, dots)
+    columns = inside.sum(0) > 0
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], columns.astype(int), [0]])) == 1)
+    return len(runs) if inside.sum() >= min_pixels else 0
+
+
+def outline_share(image, body: str, outline: str | None = None) -> float:
+    """The share of the body's rim (the pixels just outside it) that is dark (or of colour `outline`)."""
+    rgb = _rgb(image)
+    body_mask = fill_holes(colour_mask(rgb, body))
+    grown = body_mask.copy()
+    for _ in range(2):
+        grown[1:] |= grown[:-1].copy()
+        grown[:-1] |= grown[1:].copy()
+        grown[:, 1:] |= grown[:, :-1].copy()
+        grown[:, :-1] |= grown[:, 1:].copy()
+    rim = grown & ~body_mask
+    if not rim.any():
+        return 0.0
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    drawn = colour_mask(rgb, outline) if outline else luma < 80
+    return float((drawn & rim).sum() / rim.sum())
+
+
+# --- does the base model follow its prompts? ---------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A prompt, what its image must show (the world's attributes), and the skill it tests."""
+
+    skill: str
+    prompt: str
+    attributes: dict
+
+
+def _case(skill: str, rng: random.Random, objects: list[dict], paper: str | None = None) -> Case:
+    from .world import PAPERS, parts_caption
+
+    attributes = {"paper": paper or rng.choice(list(PAPERS)), "objects": objects}
+    caption = parts_caption(attributes)
+    return Case(skill, caption if paper else caption.rsplit(" on a ", 1)[0], attributes)
+
+
+def prompt_suite(per_case: int = 4, seed: int = 0) -> list[Case]:
+    """Prompts for every colour at every size, every shape, every side, two objects, and parts on request."""
+    from .world import COLOURS, PAIRS, SHAPES, SIZES, random_object
+
+    rng = random.Random(seed)
+
+    def plain(position="center", **fixed) -> dict:
+        obj = random_object(rng, position)
+        return {**obj, "outline": None, "mark": None, "attachment": None, **fixed}
+
+    cases = []
+    for _ in range(per_case):
+        for colour in COLOURS:
+            cases += [
+                _case(f"colour ({size})", rng, [plain(colour=colour, size=size)], paper="gray")
+                for size in SIZES
+            ]
+        cases += [_case("shape", rng, [plain(shape=shape, size="large")]) for shape in SHAPES]
+        cases += [
+            _case("position", rng, [plain(position, size="medium")])
+            for position in ("left", "right", "top", "bottom")
+        ]
+        a, b = rng.sample(list(COLOURS), 2)
+        pair = rng.choice(PAIRS)
+        cases.append(
+            _case(
+                "two objects",
+                rng,
+                [plain(pair[0], colour=a, size="small"), plain(pair[1], colour=b, size="small")],
+            )
+        )
+        body, dots = rng.sample(list(COLOURS), 2)
+        cases.append(
+            _case(
+                "parts",
+                rng,
+                [
+                    plain(
+                        shape=rng.choice(("circle", "square")),
+                        colour=body,
+                        size="large",
+                        outline="thick",
+                        outline_colour="black",
+                        mark="two dots",
+                        mark_colour=dots,
+                    )
+                ],
+            )
+        )
+    return cases
+
+
+def follows(case: Case, image) -> bool:
+    """Whether `image` shows what `case` asks for, as far as the case's skill goes."""
+    objects = case.attributes["objects"]
+    first = objects[0]
+    if case.skill.startswith("colour"):
+        return body_colour(image) == first["colour"]
+    if case.skill == "shape":
+        return shape_of(image) == first["shape"]
+    if case.skill in ("position", "two objects"):
+        return all(
+            position_of(colour_mask(image, o["colour"])) == o["position"]
+            and colour_mask(image, o["colour"]).sum() >= 6
+            for o in objects
+        )
+    if case.skill == "parts":
+        return (
+            body_colour(image) == first["colour"]
+            and outline_share(image, first["colour"]) > 0.5
+            and dot_count(image, first["mark_colour"]) == 2
+        )
+    raise ValueError(f"unknown skill {case.skill!r}")
+
+
+@torch.no_grad()
+def prompt_following(
+    pipe,
+    cases: list[Case],
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Per skill, the share of `cases` whose image (seeded per batch) shows what the prompt asks."""
+    hits: dict[str, list[bool]] = {}
+    for first in range(0, len(cases), batch_size):
+        batch = cases[first : first + batch_size]
+        images = pipe(
+            [c.prompt for c in batch],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed + first),
+        ).images
+        for case, image in zip(batch, images, strict=True):
+            hits.setdefault(case.skill, []).append(follows(case, image))
+    return {skill: float(np.mean(h)) for skill, h in hits.items()}
 
 
 def style_statistics(image) -> dict[str, float]:
@@ -80,8 +307,15 @@ def mean_style(images) -> dict[str, float]:
 
 
 @torch.no_grad()
-def colour_accuracy(pipe, colours=tuple(COLOURS), shapes=SHAPES, per_colour: int = 16, seed: int = 0,
-                    num_inference_steps: int = 25, guidance_scale: float = 7.5) -> dict[str, float]:
+def colour_accuracy(
+    pipe,
+    colours=tuple(COLOURS),
+    shapes=SHAPES,
+    per_colour: int = 16,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+) -> dict[str, float]:
     """For each colour, the fraction of images of 'a <colour> <shape>' whose dominant colour is that colour.
 
     The prompts cycle through `shapes`; images are drawn with a fixed seed, so the figure is repeatable.
@@ -89,8 +323,12 @@ def colour_accuracy(pipe, colours=tuple(COLOURS), shapes=SHAPES, per_colour: int
     accuracy = {}
     for colour in colours:
         prompts = [f"a {colour} {shapes[i % len(shapes)]}" for i in range(per_colour)]
-        images = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=torch.Generator().manual_seed(seed)).images
+        images = pipe(
+            prompts,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(seed),
+        ).images
         accuracy[colour] = float(np.mean([dominant_colour(im) == colour for im in images]))
     return accuracy
 
@@ -114,7 +352,9 @@ class HeldOut:
         device, dtype = pipe.unet.device, pipe.unet.dtype
         self.latents = []  # per batch: (batch, 4, h, w), scaled as the UNet sees them
         for first in range(0, len(images), batch_size):
-            pixels = torch.stack([transform(im) for im in images[first:first + batch_size]]).to(device, dtype)
+            pixels = torch.stack([transform(im) for im in images[first : first + batch_size]]).to(
+                device, dtype
+            )
             self.latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -125,15 +365,20 @@ class HeldOut:
         generator = torch.Generator().manual_seed(self.seed)
         losses = []
         for i, latents in enumerate(self.latents):
-            ids = tokenize(pipe.tokenizer, self.captions[i * self.batch_size:(i + 1) * self.batch_size])
+            ids = tokenize(pipe.tokenizer, self.captions[i * self.batch_size : (i + 1) * self.batch_size])
             text = pipe.text_encoder(ids.to(latents.device))[0]
             for _ in range(self.repeats):
-                losses.append(denoising_loss(pipe.unet, self.scheduler, latents, text, generator=generator,
-                                             reduce=False).cpu())
+                losses.append(
+                    denoising_loss(
+                        pipe.unet, self.scheduler, latents, text, generator=generator, reduce=False
+                    ).cpu()
+                )
         return float(torch.cat(losses).mean())
 
 
-def heldout_denoising_loss(pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32) -> float:
+def heldout_denoising_loss(
+    pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32
+) -> float:
     """`pipe`'s mean denoising loss on held-out images, with fixed noise and timesteps (see HeldOut)."""
     return HeldOut(pipe, images, captions, seed, repeats, batch_size).loss(pipe)
 
@@ -160,7 +405,9 @@ def subject_distance(images, references) -> float:
 
 def pixel_drift(images, baseline) -> float:
     """Mean absolute pixel difference (0-1) between images drawn with the same seeds by two models."""
-    return float(np.mean([np.abs(_rgb(a) - _rgb(b)).mean() / 255 for a, b in zip(images, baseline, strict=True)]))
+    return float(
+        np.mean([np.abs(_rgb(a) - _rgb(b)).mean() / 255 for a, b in zip(images, baseline, strict=True)])
+    )
 
 
 @torch.no_grad()
@@ -168,7 +415,7 @@ def reconstruction_error(vae, images, batch_size: int = 64) -> dict[str, float]:
     """How well the VAE gives `images` back: mean squared error (pixels in [0, 1]) and PSNR in dB."""
     errors = []
     for first in range(0, len(images), batch_size):
-        pixels = np.stack([_rgb(im) for im in images[first:first + batch_size]]) / 127.5 - 1.0
+        pixels = np.stack([_rgb(im) for im in images[first : first + batch_size]]) / 127.5 - 1.0
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         errors.append(((y - x).float() / 2).pow(2).mean(dim=(1, 2, 3)).cpu())

@@ -106,12 +106,12 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def build_text_encoder(tokenizer: CLIPTokenizer, num_hidden_layers: int = 2) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_WIDTH,
         intermediate_size=TEXT_WIDTH * 4,
-        num_hidden_layers=2,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         max_position_embeddings=MAX_TOKENS,
         bos_token_id=tokenizer.bos_token_id,
@@ -137,7 +137,9 @@ def build_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def load_tiny_pipeline(path: str | Path = TINY_SD_PATH, fast_scheduler: bool = True) -> StableDiffusionPipeline:
+def load_tiny_pipeline(
+    path: str | Path = TINY_SD_PATH, fast_scheduler: bool = True
+) -> StableDiffusionPipeline:
     """The shipped, pretrained tiny pipeline (offline), with DPM-Solver++ for 25-step sampling by default."""
     path = Path(path)
     if not (path / "model_index.json").is_file():

@@ -1,20 +1,23 @@
-"""Pretrain the embedded tiny Stable Diffusion on the shapes world and export it to data/tiny-sd.
+"""Pretrain the embedded tiny Stable Diffusion on the 64 px parts world (`lora_nb.world`) and export it.
 
     python scripts/pretrain_tiny_sd.py --work pretrain-work            # resumes from pretrain-work/ if there
     python scripts/pretrain_tiny_sd.py --work pretrain-work --export-only
+    python scripts/pretrain_tiny_sd.py --work fresh-work --init-from data/tiny-sd   # continue from an export
 
-Two stages, as Stable Diffusion was made: first the VAE learns to compress 32x32 images to 4x16x16
-latents (on shapes, creatures and the subject, since it stays frozen in every later fine-tune); then the
-UNet and the text encoder learn together to denoise latents of captioned shapes. Creatures and the subject
-never reach stage two: they are what the course's LoRAs teach. Checkpoints are written atomically every
-`--checkpoint-every` steps, so the run can be stopped and resumed at any time; the exported pipeline uses
-the exponential moving average of the weights.
+Two stages, as Stable Diffusion was made: first the VAE learns to compress 64x64 images to 4x16x16
+latents (on parts, creatures and the subject, since it stays frozen in every later fine-tune); then the
+UNet and the text encoder learn together to denoise latents of captioned parts images. Creatures and the
+subject never reach stage two: they are what the course's LoRAs teach. Checkpoints (tensors and plain
+values only, loaded with `weights_only=True`) are written atomically every `--checkpoint-every` steps, so
+the run can be stopped and resumed at any time; the exported pipeline uses the EMA of the weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import random
 import shutil
 import time
@@ -26,11 +29,63 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard
 
 from lora_nb.objective import denoising_loss
-from lora_nb.synthetic import draw_creature_sample, draw_shape_sample, draw_subject_sample, shape_caption
-from lora_nb.tiny import TINY_SD_PATH, build_untrained_pipeline
+from lora_nb.tiny import SCHEDULER_CONFIG, TINY_SD_PATH, build_text_encoder, build_tokenizer
+from lora_nb.world import (
+    IMAGE_SIZE,
+    draw_creature_sample,
+    draw_parts_sample,
+    draw_subject_sample,
+    parts_caption,
+    vocabulary,
+)
 
 POOL_FIRST_SEED = 1_000_000  # far from the shipped sets' seeds, which stay held out
 VAE_FIRST_SEED = 2_000_000
+
+# SD 1.5's classes and module names. Attention sits at the 8x8 and 4x4 latent levels and the mid block, not
+# at 16x16, where self-attention over 256 tokens would cost more than the rest of the UNet on a CPU.
+UNET_CONFIG = {
+    "sample_size": IMAGE_SIZE // 4,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 96),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "cross_attention_dim": 64,
+    "attention_head_dim": 2,  # diffusers reads this as the number of heads
+    "norm_num_groups": 32,
+}
+# Three blocks: the latent is a quarter of the image side (SD 1.5's four blocks divide by 8).
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 64, 64),
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "sample_size": IMAGE_SIZE,
+}
+TEXT_LAYERS = 3
+
+
+def build_untrained_pipeline(seed: int = 0):
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(vocabulary())
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE_CONFIG),
+        text_encoder=build_text_encoder(tokenizer, num_hidden_layers=TEXT_LAYERS),
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -41,7 +96,9 @@ def to_tensor(images) -> torch.Tensor:
 
 def vae_batch(step: int, batch_size: int) -> torch.Tensor:
     rng = random.Random(VAE_FIRST_SEED + step)
-    draws = rng.choices([draw_shape_sample, draw_creature_sample, draw_subject_sample], [6, 3, 1], k=batch_size)
+    draws = rng.choices(
+        [draw_parts_sample, draw_creature_sample, draw_subject_sample], [6, 3, 1], k=batch_size
+    )
     return to_tensor([draw(rng.randrange(10**9)).image for draw in draws])
 
 
@@ -49,6 +106,10 @@ def save_atomically(state: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)  # tensors and plain values only: no code from a file
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -63,7 +124,7 @@ def train_vae(pipe, work: Path, args) -> None:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     step = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt)
         vae.load_state_dict(state["vae"])
         if "optimizer" in state:  # not when seeded from an export (--init-from)
             optimizer.load_state_dict(state["optimizer"])
@@ -71,7 +132,9 @@ def train_vae(pipe, work: Path, args) -> None:
     vae.train()
     start = time.time()
     while step < args.vae_steps:
-        images = vae_batch(step, args.batch_size)
+        for group in optimizer.param_groups:  # cosine to a tenth: the last steps sharpen the edges
+            group["lr"] = args.vae_lr * (0.55 + 0.45 * math.cos(math.pi * step / args.vae_steps))
+        images = vae_batch(step, args.vae_batch_size)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(reconstruction, images)
@@ -81,19 +144,26 @@ def train_vae(pipe, work: Path, args) -> None:
         optimizer.step()
         step += 1
         if step % 50 == 0:
-            print(f"vae step {step} mse {mse.item():.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
+            print(
+                f"vae step {step} mse {mse.item():.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True
+            )
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt)
+            save_atomically(
+                {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt
+            )
     vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, list[dict], float]:
-    """Latent means of `size` shape images, their attributes, and the scaling factor giving unit variance."""
+    """Latent means of `size` parts images, their attributes, and the scaling factor giving unit variance."""
     attributes, latents = [], []
     for first in range(0, size, batch_size):
-        samples = [draw_shape_sample(POOL_FIRST_SEED + i) for i in range(first, min(size, first + batch_size))]
+        samples = [
+            draw_parts_sample(POOL_FIRST_SEED + i) for i in range(first, min(size, first + batch_size))
+        ]
+        print(f"encoding the pool: {first + len(samples)}/{size}", flush=True)
         attributes += [s.attributes for s in samples]
         latents.append(pipe.vae.encode(to_tensor([s.image for s in samples])).latent_dist.mean)
     latents = torch.cat(latents)
@@ -101,23 +171,34 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
 
 
 def train_denoiser(pipe, work: Path, args) -> None:
-    pool_path, ckpt = work / "pool.pt", work / "denoiser.pt"
+    pool_path, attributes_path, ckpt = work / "pool.pt", work / "pool-attributes.json", work / "denoiser.pt"
     if not pool_path.exists():
-        save_atomically(dict(zip(("latents", "attributes", "scaling"), encode_pool(pipe, args.pool_size))), pool_path)
-    pool = torch.load(pool_path, weights_only=False)
+        latents, attributes, scaling = encode_pool(pipe, args.pool_size)
+        attributes_path.write_text(json.dumps(attributes))
+        save_atomically({"latents": latents, "scaling": scaling}, pool_path)
+    pool = load_checkpoint(pool_path)
+    attributes = json.loads(attributes_path.read_text())
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
     latents = pool["latents"] * pool["scaling"]
 
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
     generator = torch.Generator().manual_seed(0)
     step = 0
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
-                            (ema_text, "ema_text"), (optimizer, "optimizer")):
+        state = load_checkpoint(ckpt)
+        for module, key in (
+            (unet, "unet"),
+            (text_encoder, "text_encoder"),
+            (ema_unet, "ema_unet"),
+            (ema_text, "ema_text"),
+            (optimizer, "optimizer"),
+        ):
             if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
                 module.load_state_dict(state[key])
         if "generator" in state:
@@ -129,13 +210,24 @@ def train_denoiser(pipe, work: Path, args) -> None:
     while step < args.steps:
         rng = random.Random(step)
         index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
-        captions = ["" if rng.random() < 0.1 else shape_caption(pool["attributes"][i], rng) for i in index]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        captions = ["" if rng.random() < 0.1 else parts_caption(attributes[i], rng) for i in index]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        loss = denoising_loss(unet, pipe.scheduler, latents[index], text_encoder(ids)[0],
-                              snr_gamma=args.snr_gamma, generator=generator)
+        loss = denoising_loss(
+            unet,
+            pipe.scheduler,
+            latents[index],
+            text_encoder(ids)[0],
+            snr_gamma=args.snr_gamma,
+            generator=generator,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -146,55 +238,83 @@ def train_denoiser(pipe, work: Path, args) -> None:
         losses.append(loss.item())
         step += 1
         if step % 50 == 0:
-            print(f"unet step {step} loss {np.mean(losses):.4f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
+            print(
+                f"unet step {step} loss {np.mean(losses):.4f} ({(time.time() - start) / 50:.2f} s/step)",
+                flush=True,
+            )
             losses, start = [], time.time()
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_atomically({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                             "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                             "step": step}, ckpt)
+            save_atomically(
+                {
+                    "unet": unet.state_dict(),
+                    "text_encoder": text_encoder.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step,
+                },
+                ckpt,
+            )
 
 
 CARD = """\
 # tiny-sd: the lora_nb course's embedded Stable Diffusion
 
 A {params:.1f} M-parameter model with Stable Diffusion 1.5's architecture and module names, made so the
-course runs offline on a CPU in seconds. It draws coloured shapes (circle, square, triangle, star; red,
-green, blue, yellow, purple, orange; small/medium/large; left/right/top/bottom; white/black/gray
-backgrounds) at {size}x{size} px from prompts such as "a red circle" or "a large blue star on the left".
+course runs offline on a CPU in seconds. It draws at {size}x{size} px the parts of a small visual world,
+from plain descriptive prompts: bodies (circle, square, triangle, star) in six colours (red, green, blue,
+yellow, purple, orange) and three sizes, thin or thick outlines of a named colour, a dot, two dots or
+stripes inside, pointy or round ears, antennae or horns, one or two objects on the left / right / top /
+bottom, on white, black, gray or pastel (pink, cream, mint, sky) paper — for instance "a large red circle
+with a thick black outline and two yellow dots on the left on a pink background".
 
 | part | class | parameters |
 | --- | --- | --- |
 | UNet | `UNet2DConditionModel`, blocks {unet_blocks}, cross-attention width {cross} | {unet:,} |
-| VAE | `AutoencoderKL`, blocks {vae_blocks}, 4 latent channels, latent = image / 2 | {vae:,} |
+| VAE | `AutoencoderKL`, blocks {vae_blocks}, 4 latent channels, latent = image / 4 | {vae:,} |
 | text encoder | `CLIPTextModel`, {layers} layers, width {cross} | {text:,} |
 | tokenizer | `CLIPTokenizer`, byte-level BPE with one token per caption word, {vocab} tokens | |
 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
-{vae_steps} steps on shapes, creatures and the DreamBooth subject, then the UNet and the text encoder
+{vae_steps} steps on parts, creatures and the DreamBooth subject, then the UNet and the text encoder
 together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr}, 10% empty captions for
-classifier-free guidance, EMA {ema}) on a pool of {pool} shape images; this export uses the EMA weights.
-It has never seen the creatures' style or the subject in a caption: those are what the course's LoRAs teach.
+classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images; this export uses the EMA
+weights. It has never seen the creatures' composition or caption language ("a drawing of a blue creature
+with red eyes and round ears") nor the DreamBooth subject (an orange star with a purple dot): those are
+what the course's LoRAs teach.
 """
 
 
 def export(pipe, work: Path, out: Path, args) -> None:
-    state = torch.load(work / "denoiser.pt", weights_only=False)
+    state = load_checkpoint(work / "denoiser.pt")
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    vae_steps = torch.load(work / "vae.pt", weights_only=False)["step"]
-    card = ModelCard(CARD.format(
-        params=(count(pipe.unet) + count(pipe.vae) + count(pipe.text_encoder)) / 1e6,
-        size=pipe.vae.config.sample_size, unet_blocks=tuple(pipe.unet.config.block_out_channels),
-        vae_blocks=tuple(pipe.vae.config.block_out_channels), cross=pipe.unet.config.cross_attention_dim,
-        layers=pipe.text_encoder.config.num_hidden_layers, unet=count(pipe.unet), vae=count(pipe.vae),
-        text=count(pipe.text_encoder), vocab=len(pipe.tokenizer), vae_steps=vae_steps,
-        steps=state["step"], batch=args.batch_size, lr=args.lr, snr=args.snr_gamma, ema=args.ema_decay,
-        pool=args.pool_size,
-    ))
+    vae_steps = load_checkpoint(work / "vae.pt")["step"]
+    card = ModelCard(
+        CARD.format(
+            params=(count(pipe.unet) + count(pipe.vae) + count(pipe.text_encoder)) / 1e6,
+            size=pipe.vae.config.sample_size,
+            unet_blocks=tuple(pipe.unet.config.block_out_channels),
+            vae_blocks=tuple(pipe.vae.config.block_out_channels),
+            cross=pipe.unet.config.cross_attention_dim,
+            layers=pipe.text_encoder.config.num_hidden_layers,
+            unet=count(pipe.unet),
+            vae=count(pipe.vae),
+            text=count(pipe.text_encoder),
+            vocab=len(pipe.tokenizer),
+            vae_steps=vae_steps,
+            steps=state["step"],
+            batch=args.batch_size,
+            lr=args.lr,
+            snr=args.snr_gamma,
+            ema=args.ema_decay,
+            pool=args.pool_size,
+        )
+    )
     card.data.library_name = "diffusers"
     card.data.pretrain_steps = {"vae": vae_steps, "unet": state["step"]}  # read back by --init-from
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
@@ -222,19 +342,24 @@ def seed_from_export(export: Path, work: Path) -> None:
         raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
     save_atomically({"vae": exported.vae.state_dict(), "step": steps["vae"]}, work / "vae.pt")
     unet, text = exported.unet.state_dict(), exported.text_encoder.state_dict()
-    save_atomically({"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text, "step": steps["unet"]},
-                    work / "denoiser.pt")
+    save_atomically(
+        {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text, "step": steps["unet"]},
+        work / "denoiser.pt",
+    )
     print(f"seeded {work} from {export}: VAE step {steps['vae']}, UNet step {steps['unet']}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", type=Path, default=Path("pretrain-work"))
     parser.add_argument("--out", type=Path, default=TINY_SD_PATH)
-    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-steps", type=int, default=4000)
+    parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
-    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -243,8 +368,15 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=40_000)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--export-only", action="store_true", help="export the last checkpoint and stop")
-    parser.add_argument("--init-from", type=Path, help="an export to continue from when --work holds no checkpoints")
+    parser.add_argument(
+        "--init-from", type=Path, help="an export to continue from when --work holds no checkpoints"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (one runs best beside other work on 2 cores)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     args.work.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.work / "denoiser.pt").exists():
@@ -254,8 +386,8 @@ def main() -> None:
         train_vae(pipe, args.work, args)
         train_denoiser(pipe, args.work, args)
     else:
-        pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=False)["vae"])
-        pipe.vae.register_to_config(scaling_factor=torch.load(args.work / "pool.pt", weights_only=False)["scaling"])
+        pipe.vae.load_state_dict(load_checkpoint(args.work / "vae.pt")["vae"])
+        pipe.vae.register_to_config(scaling_factor=load_checkpoint(args.work / "pool.pt")["scaling"])
     export(pipe, args.work, args.out, args)
 
 

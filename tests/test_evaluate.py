@@ -1,0 +1,102 @@
+"""The course's measures read the world's drawings back: the ceiling any model's score is held to."""
+
+import numpy as np
+import pytest
+
+from lora_nb.evaluate import (
+    body_colour,
+    colour_mask,
+    dot_count,
+    fill_holes,
+    follows,
+    outline_share,
+    position_of,
+    prompt_suite,
+    shape_of,
+)
+from lora_nb.world import draw_parts_sample, render_parts
+
+SEEDS = range(7000, 7300)
+
+
+@pytest.fixture(scope="module")
+def single_objects():
+    samples = [draw_parts_sample(seed, count=1, attachment=None) for seed in SEEDS]
+    return [(s.image, s.attributes["objects"][0]) for s in samples]
+
+
+def share(hits) -> float:
+    hits = list(hits)
+    assert len(hits) >= 20  # enough cases for the share to mean something
+    return float(np.mean(hits))
+
+
+def test_shape_colour_and_position_are_read_back(single_objects):
+    assert share(shape_of(im) == o["shape"] for im, o in single_objects) >= 0.98
+    assert share(body_colour(im) == o["colour"] for im, o in single_objects) >= 0.97
+    assert (
+        share(position_of(colour_mask(im, o["colour"])) == o["position"] for im, o in single_objects) >= 0.98
+    )
+
+
+def test_dots_are_counted(single_objects):
+    for mark, count in (("a dot", 1), ("two dots", 2)):
+        cases = [(im, o) for im, o in single_objects if o["mark"] == mark]
+        assert share(dot_count(im, o["mark_colour"]) == count for im, o in cases) >= 0.85, mark
+    far_from_yellow = {"red", "blue", "purple", "black", "white"}
+    plain = [
+        im
+        for im, o in single_objects
+        if o["mark"] is None
+        and o["colour"] in far_from_yellow
+        and (o["outline"] is None or o["outline_colour"] in far_from_yellow)
+    ]
+    assert share(dot_count(im, "yellow") == 0 for im in plain) >= 0.95
+
+
+def test_a_thick_dark_outline_is_told_from_none(single_objects):
+    thick = [
+        outline_share(im, o["colour"])
+        for im, o in single_objects
+        if o["outline"] == "thick" and o["outline_colour"] == "black"
+    ]
+    none = [outline_share(im, o["colour"]) for im, o in single_objects if o["outline"] is None]
+    assert share(s > 0.5 for s in thick) >= 0.85
+    assert share(s < 0.5 for s in none) >= 0.85
+
+
+def test_two_objects_are_found_on_their_sides():
+    cases = [draw_parts_sample(seed, count=2).attributes for seed in range(9000, 9150)]
+    images = [draw_parts_sample(seed, count=2).image for seed in range(9000, 9150)]
+    found = [
+        all(position_of(colour_mask(im, o["colour"])) == o["position"] for o in a["objects"])
+        for im, a in zip(images, cases, strict=True)
+        if a["objects"][0]["colour"] != a["objects"][1]["colour"]
+    ]
+    assert share(found) >= 0.9
+
+
+def test_fill_holes_fills_a_ring_and_keeps_an_open_cup():
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False
+    assert fill_holes(ring)[4, 4] and fill_holes(ring).sum() == 25
+    cup = ring.copy()
+    cup[2, 4] = False  # an opening to the outside: nothing enclosed
+    assert not fill_holes(cup)[4, 4]
+
+
+def test_the_prompt_suite_is_passed_by_the_world_itself_and_failed_by_a_blank():
+    import random
+
+    from PIL import Image
+
+    cases = prompt_suite(per_case=4)
+    skills = {c.skill for c in cases}
+    assert {"shape", "position", "two objects", "parts", "colour (small)", "colour (large)"} <= skills
+    drawn = [follows(c, render_parts(c.attributes, random.Random(i))) for i, c in enumerate(cases)]
+    assert share(drawn) >= 0.95
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    assert share(follows(c, blank) for c in cases) == 0.0
+    assert all(c.prompt.startswith(("a ", "an ")) for c in cases)
+    assert any("on a gray background" in c.prompt for c in cases)
