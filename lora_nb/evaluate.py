@@ -54,12 +54,17 @@ def dominant_colour(image, min_pixels: int = 8) -> str | None:
     return name if votes[name] >= min_pixels else None
 
 
-def colour_mask(image, colour: str) -> np.ndarray:
-    """The saturated foreground pixels whose nearest named colour is `colour`."""
+def colour_mask(image, colour: str, max_distance: float = 70.0) -> np.ndarray:
+    """The saturated foreground pixels near `colour` and nearer to it than to any other named colour.
+
+    `max_distance` leaves out the blends at an edge (yellow fading into a black outline reads as green).
+    """
     rgb = _rgb(image)
     saturated = (rgb.max(-1) - rgb.min(-1)) / np.maximum(rgb.max(-1), 1.0) >= MIN_SATURATION
-    nearest = np.linalg.norm(rgb[..., None, :] - _PALETTE, axis=-1).argmin(-1)
-    return foreground_mask(rgb) & saturated & (nearest == _NAMES.index(colour))
+    distance = np.linalg.norm(rgb[..., None, :] - _PALETTE, axis=-1)  # (h, w, colours)
+    index = _NAMES.index(colour)
+    near = (distance.argmin(-1) == index) & (distance[..., index] <= max_distance)
+    return foreground_mask(rgb) & saturated & near
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -263,6 +268,11 @@ def follows(case: Case, image) -> bool:
             and dot_count(image, first["mark_colour"]) == 2
         )
     raise ValueError(f"unknown skill {case.skill!r}")
+
+
+def has_creature_colours(image, body: str, eyes: str) -> bool:
+    """Whether an image shows a body of colour `body` with two eyes of colour `eyes` in it."""
+    return body_colour(image) == body and dot_count(image, eyes) == 2
 
 
 @torch.no_grad()

@@ -9,12 +9,13 @@ from lora_nb.evaluate import (
     dot_count,
     fill_holes,
     follows,
+    has_creature_colours,
     outline_share,
     position_of,
     prompt_suite,
     shape_of,
 )
-from lora_nb.world import draw_parts_sample, render_parts
+from lora_nb.world import draw_creature_sample, draw_parts_sample, render_parts
 
 SEEDS = range(7000, 7300)
 
@@ -100,3 +101,12 @@ def test_the_prompt_suite_is_passed_by_the_world_itself_and_failed_by_a_blank():
     assert share(follows(c, blank) for c in cases) == 0.0
     assert all(c.prompt.startswith(("a ", "an ")) for c in cases)
     assert any("on a gray background" in c.prompt for c in cases)
+
+
+def test_a_creatures_body_and_eye_colours_are_read_back():
+    creatures = [
+        draw_creature_sample(seed).attributes | {"image": draw_creature_sample(seed).image}
+        for seed in range(10_000, 10_150)
+    ]
+    assert share(has_creature_colours(c["image"], c["body"], c["eyes"]) for c in creatures) >= 0.95
+    assert share(has_creature_colours(c["image"], c["eyes"], c["body"]) for c in creatures) <= 0.05
