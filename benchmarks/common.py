@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class Settings:
     repeats: int = 5  # independent runs per variant; medians and spreads are over these
     quick: bool = False
-    threads: int = 1  # torch.set_num_threads, the same for every measurement (and OMP_NUM_THREADS in subprocesses)
+    threads: int = (
+        1  # torch.set_num_threads, the same for every measurement (and OMP_NUM_THREADS in subprocesses)
+    )
     min_time: float = 1.0  # seconds each micro-benchmark repeat runs for, at least
     model: Path = ROOT / "data" / "tiny-sd"
     data: Path = ROOT / "data" / "creatures"
@@ -96,7 +98,9 @@ class Stat:
 
     def target(self, name: str, limit: float, unit: str = "×", scale: float = 1.0) -> Target:
         """This measurement (its median, times ``scale``) judged against ``limit``."""
-        return Target(name, self.median * scale, limit, unit, self.fmt(scale, unit), self.lo * scale, self.hi * scale)
+        return Target(
+            name, self.median * scale, limit, unit, self.fmt(scale, unit), self.lo * scale, self.hi * scale
+        )
 
 
 def _sig(value: float, digits: int) -> str:
@@ -137,7 +141,7 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(variants[name]())
     return {name: Stat(values) for name, values in samples.items()}
 
@@ -184,7 +188,9 @@ class Section:
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # why the section did not run (e.g. no CUDA)
-    more_tables: list[tuple[str, list[str], list[list[str]]]] = field(default_factory=list)  # (caption, header, rows)
+    more_tables: list[tuple[str, list[str], list[list[str]]]] = field(
+        default_factory=list
+    )  # (caption, header, rows)
 
     def markdown(self) -> str:
         lines = [f"## {self.title}", ""]
@@ -247,16 +253,26 @@ def machine_info(settings: Settings) -> list[tuple[str, str]]:
     items = [
         ("CPU", cpu_model()),
         ("logical cores", str(os.cpu_count())),
-        ("usable cores (affinity)", str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "n/a"),
+        (
+            "usable cores (affinity)",
+            str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else "n/a",
+        ),
         ("RAM", f"{ram:.1f} GB" if ram else "n/a"),
         ("GPU", gpu_name()),
         ("OS", f"{platform.system()} {platform.release()}"),
         ("Python", platform.python_version()),
-        ("torch threads", (f"{torch.get_num_threads()} (torch.set_num_threads; OMP_NUM_THREADS="
-                          f"{os.environ.get('OMP_NUM_THREADS', 'unset')})")),
+        (
+            "torch threads",
+            (
+                f"{torch.get_num_threads()} (torch.set_num_threads; OMP_NUM_THREADS="
+                f"{os.environ.get('OMP_NUM_THREADS', 'unset')})"
+            ),
+        ),
     ]
-    versions = ", ".join(f"{name} {library_version(name)}" for name in
-                         ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "papermill"))
+    versions = ", ".join(
+        f"{name} {library_version(name)}"
+        for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "datasets", "papermill")
+    )
     items.append(("libraries", versions))
     items.append(("mode", f"{'quick' if settings.quick else 'full'}: {settings.repeats} repeats per variant"))
     return items

@@ -47,8 +47,9 @@ def lora_training_step(unet, device: str, latent_size: int, text_width: int, bat
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device)
     generator = torch.Generator(device).manual_seed(0)
-    latents = torch.randn(batch, 4, latent_size, latent_size, generator=generator, device=device,
-                          dtype=torch.float16)
+    latents = torch.randn(
+        batch, 4, latent_size, latent_size, generator=generator, device=device, dtype=torch.float16
+    )
     text = torch.randn(batch, 77, text_width, generator=generator, device=device, dtype=torch.float16)
     unet.train()
 
@@ -76,8 +77,14 @@ def lora_training_step(unet, device: str, latent_size: int, text_width: int, bat
     return step, first_step_checked
 
 
-def measure(checkpointing: bool, settings: Settings, device: str = "cuda", config: dict | None = None,
-            latent_size: int = 64, text_width: int = 768) -> tuple[Stat, float, float]:
+def measure(
+    checkpointing: bool,
+    settings: Settings,
+    device: str = "cuda",
+    config: dict | None = None,
+    latent_size: int = 64,
+    text_width: int = 768,
+) -> tuple[Stat, float, float]:
     """(seconds per step over timed windows, peak bytes allocated, bytes of weights before the first step)."""
     unet = build_unet(device, config)
     if checkpointing:
@@ -113,16 +120,33 @@ def measure(checkpointing: bool, settings: Settings, device: str = "cuda", confi
 def benchmark(settings: Settings) -> Section:
     title = "GPU: SD-1.5-shaped UNet, LoRA training step at 512 px, batch 1, fp16 autocast"
     if not torch.cuda.is_available():
-        return Section(title, skipped="CUDA is not available on this machine; run `python -m benchmarks.run` "
-                                      "on a GPU machine to fill this section.")
+        return Section(
+            title,
+            skipped="CUDA is not available on this machine; run `python -m benchmarks.run` "
+            "on a GPU machine to fill this section.",
+        )
     rows = []
     for checkpointing in (False, True):
         per_step, peak, weights = measure(checkpointing, settings)
-        rows.append(["on" if checkpointing else "off", Stat([1 / s for s in per_step.samples]).fmt(1, "steps/s"),
-                     per_step.ms(), f"{peak / 2**30:.2f} GiB", f"{weights / 2**30:.2f} GiB"])
-    notes = [(f"Device: {torch.cuda.get_device_name(0)}. Rank {RANK} on to_q, to_k, to_v, to_out.0; fp16 frozen "
-             "weights, fp32 LoRA factors, GradScaler, AdamW, clipping; random weights from SD 1.5's UNet config."),
-             ("steps/s is over timed windows after warm-up (median, min–max over windows); peak memory is "
-             "`torch.cuda.max_memory_allocated` over warm-up and timed steps, weights included.")]
-    return Section(title, ["gradient checkpointing", "steps/s", "per step", "peak allocated", "weights"],
-                   rows, [], notes)
+        rows.append(
+            [
+                "on" if checkpointing else "off",
+                Stat([1 / s for s in per_step.samples]).fmt(1, "steps/s"),
+                per_step.ms(),
+                f"{peak / 2**30:.2f} GiB",
+                f"{weights / 2**30:.2f} GiB",
+            ]
+        )
+    notes = [
+        (
+            f"Device: {torch.cuda.get_device_name(0)}. Rank {RANK} on to_q, to_k, to_v, to_out.0; fp16 frozen "
+            "weights, fp32 LoRA factors, GradScaler, AdamW, clipping; random weights from SD 1.5's UNet config."
+        ),
+        (
+            "steps/s is over timed windows after warm-up (median, min–max over windows); peak memory is "
+            "`torch.cuda.max_memory_allocated` over warm-up and timed steps, weights included."
+        ),
+    ]
+    return Section(
+        title, ["gradient checkpointing", "steps/s", "per step", "peak allocated", "weights"], rows, [], notes
+    )

@@ -61,9 +61,18 @@ def run_pipe(pipe, output_type: str = "pil"):
 
 
 def row(workload: str, stats: dict[str, Stat]) -> list[str]:
-    ratio = {name: paired_ratio(stats[name], stats["base"]).ratio() for name in ("unfused", "fused", "control")}
-    return [workload, stats["base"].ms(), stats["unfused"].ms(), stats["fused"].ms(), ratio["unfused"],
-            ratio["fused"], ratio["control"]]
+    ratio = {
+        name: paired_ratio(stats[name], stats["base"]).ratio() for name in ("unfused", "fused", "control")
+    }
+    return [
+        workload,
+        stats["base"].ms(),
+        stats["unfused"].ms(),
+        stats["fused"].ms(),
+        ratio["unfused"],
+        ratio["fused"],
+        ratio["control"],
+    ]
 
 
 def fused_call(lora, call, warm_up):
@@ -72,6 +81,7 @@ def fused_call(lora, call, warm_up):
     The warm-up matters: the first call on freshly written weights pays one-off costs that the base, warm
     since its first repeat, does not.
     """
+
     def timed() -> float:
         lora.fuse()
         try:
@@ -79,6 +89,7 @@ def fused_call(lora, call, warm_up):
             return call()
         finally:
             lora.unfuse()
+
     return timed
 
 
@@ -121,17 +132,25 @@ def bench_tiny(settings: Settings) -> tuple[list[list[str]], list[Target], list[
     control = load_tiny_pipeline(settings.model)  # A/A: a second, identical base pipeline
     control.set_progress_bar_config(disable=True)
     fused_timing = fused_call(adapted.lora, call(adapted), lambda: run_pipe(adapted))
-    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_timing,
-                        "control": call(control)}, settings.repeats)
+    stats = interleave(
+        {"base": call(base), "unfused": call(adapted), "fused": fused_timing, "control": call(control)},
+        settings.repeats,
+    )
     rows = [row(f"tiny-sd pipeline, {STEPS} steps, 1 prompt (UNet batch 2)", stats)]
     fused = paired_ratio(stats["fused"], stats["base"])
     targets = [fused.target("inference, tiny pipeline: fused / base", FUSED_LIMIT)]
-    notes = [(f"tiny pipeline: fuse() {Stat(fuse_times).ms()}, unfuse() {Stat(unfuse_times).ms()} (not in the "
-             f"timings); fused and unfused give the same latents (max difference {fuse_error:.1e}).")]
+    notes = [
+        (
+            f"tiny pipeline: fuse() {Stat(fuse_times).ms()}, unfuse() {Stat(unfuse_times).ms()} (not in the "
+            f"timings); fused and unfused give the same latents (max difference {fuse_error:.1e})."
+        )
+    ]
 
     if fused.median > FUSED_LIMIT:
-        notes.append("MISS explained: fused, the pipeline runs exactly the base's module tree and kernels (checked "
-                     "above); what is left is noise: compare the A/A column.")
+        notes.append(
+            "MISS explained: fused, the pipeline runs exactly the base's module tree and kernels (checked "
+            "above); what is left is noise: compare the A/A column."
+        )
     return rows, targets, notes
 
 
@@ -140,8 +159,15 @@ def sd15_attention_block():
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     torch.manual_seed(0)
-    return Transformer2DModel(num_attention_heads=8, attention_head_dim=40, in_channels=320, num_layers=1,
-                              cross_attention_dim=768, norm_num_groups=32, use_linear_projection=False).eval()
+    return Transformer2DModel(
+        num_attention_heads=8,
+        attention_head_dim=40,
+        in_channels=320,
+        num_layers=1,
+        cross_attention_dim=768,
+        norm_num_groups=32,
+        use_linear_projection=False,
+    ).eval()
 
 
 def bench_sd15_block(settings: Settings) -> tuple[list[list[str]], list[Target], list[str]]:
@@ -173,15 +199,24 @@ def bench_sd15_block(settings: Settings) -> tuple[list[list[str]], list[Target],
             unfuse_lora(adapted, self.wrappers)
 
     fused_timing = fused_call(Fused(), call(adapted), lambda: forward(adapted))
-    stats = interleave({"base": call(base), "unfused": call(adapted), "fused": fused_timing,
-                        "control": call(copy.deepcopy(base))}, settings.repeats)
+    stats = interleave(
+        {
+            "base": call(base),
+            "unfused": call(adapted),
+            "fused": fused_timing,
+            "control": call(copy.deepcopy(base)),
+        },
+        settings.repeats,
+    )
     rows = [row("SD-1.5 attention block (320 ch, 4096 tokens, batch 2), forward", stats)]
     fused = paired_ratio(stats["fused"], stats["base"])
     targets = [fused.target("inference, SD-1.5 attention block: fused / base", FUSED_LIMIT)]
     notes = []
     if fused.median > FUSED_LIMIT:
-        notes.append("MISS in the SD-1.5 block: fused, it is the base's module tree (checked) and runs the base's "
-                     "kernels on other numbers; the difference is noise: compare the A/A column.")
+        notes.append(
+            "MISS in the SD-1.5 block: fused, it is the base's module tree (checked) and runs the base's "
+            "kernels on other numbers; the difference is noise: compare the A/A column."
+        )
     return rows, targets, notes
 
 
@@ -192,11 +227,26 @@ def benchmark(settings: Settings, sd15_block: bool = True) -> Section:
         rows += more[0]
         targets += more[1]
         notes += more[2]
-    notes.append(f"Adapter: rank {RANK} on to_q, to_k, to_v, to_out.0 with non-zero factors. Each repeat times as "
-                 f"many calls as fit in {settings.min_time:g} s; variants alternate, order rotated per repeat.")
-    notes.append("The A/A control times a second, identical copy of the base like any other variant: its distance "
-                 "from 1 is this machine's noise floor, against which a 1% limit has to be read.")
-    return Section("Inference: base, adapter unfused, adapter fused (CPU)",
-                   ["workload", "base", "unfused", "fused", "unfused / base", "fused / base",
-                    "A/A control: identical base / base"],
-                   rows, targets, notes)
+    notes.append(
+        f"Adapter: rank {RANK} on to_q, to_k, to_v, to_out.0 with non-zero factors. Each repeat times as "
+        f"many calls as fit in {settings.min_time:g} s; variants alternate, order rotated per repeat."
+    )
+    notes.append(
+        "The A/A control times a second, identical copy of the base like any other variant: its distance "
+        "from 1 is this machine's noise floor, against which a 1% limit has to be read."
+    )
+    return Section(
+        "Inference: base, adapter unfused, adapter fused (CPU)",
+        [
+            "workload",
+            "base",
+            "unfused",
+            "fused",
+            "unfused / base",
+            "fused / base",
+            "A/A control: identical base / base",
+        ],
+        rows,
+        targets,
+        notes,
+    )

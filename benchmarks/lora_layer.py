@@ -42,8 +42,10 @@ def make_layers(width: int, rank: int = RANK) -> tuple[nn.Module, nn.Module]:
     # A copy of the same base, so the two never share autograd state; peft freezes it and adds lora_A/B.
     peft_base = nn.Linear(width, width)
     peft_base.load_state_dict(base.state_dict())
-    holder = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                target_modules=["proj"]), Holder(peft_base))
+    holder = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["proj"]),
+        Holder(peft_base),
+    )
     theirs = holder.proj
     with torch.no_grad():  # the same non-zero factors in both, as after some training
         nn.init.normal_(ours.lora_B.weight, std=0.02)
@@ -81,8 +83,17 @@ def operator_counts(call) -> str:
 
 
 # The compute and copy kernels (views and bookkeeping ops left out).
-COUNTED = {"aten::mm", "aten::addmm", "aten::bmm", "aten::mul", "aten::add", "aten::add_", "aten::copy_",
-           "aten::sum", "aten::clone"}  # aten::to is left out: a no-op when the dtype already matches
+COUNTED = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::mul",
+    "aten::add",
+    "aten::add_",
+    "aten::copy_",
+    "aten::sum",
+    "aten::clone",
+}  # aten::to is left out: a no-op when the dtype already matches
 
 
 def benchmark(settings: Settings) -> Section:
@@ -97,46 +108,90 @@ def benchmark(settings: Settings) -> Section:
             if difference > 1e-4:
                 raise AssertionError(f"LoRALinear and peft differ by {difference} at width {width}")
             control = make_layers(width)[1]  # A/A: an identical second peft layer
-            calls = {"lora_nb": forward_backward(ours, x, grad), "peft": forward_backward(theirs, x, grad),
-                     "control": forward_backward(control, x, grad)}
+            calls = {
+                "lora_nb": forward_backward(ours, x, grad),
+                "peft": forward_backward(theirs, x, grad),
+                "control": forward_backward(control, x, grad),
+            }
             for call in calls.values():
                 call()  # warm-up
-            stats = interleave({name: (lambda c=c: time_per_call(c, min_time)) for name, c in calls.items()},
-                               settings.repeats)
+            stats = interleave(
+                {name: (lambda c=c: time_per_call(c, min_time)) for name, c in calls.items()},
+                settings.repeats,
+            )
             ratio = paired_ratio(stats["lora_nb"], stats["peft"])
             ratios.append(ratio)
-            rows.append([f"({BATCH}, {tokens}, {width})", stats["lora_nb"].ms(), stats["peft"].ms(), ratio.ratio(),
-                         paired_ratio(stats["control"], stats["peft"]).ratio()])
+            rows.append(
+                [
+                    f"({BATCH}, {tokens}, {width})",
+                    stats["lora_nb"].ms(),
+                    stats["peft"].ms(),
+                    ratio.ratio(),
+                    paired_ratio(stats["control"], stats["peft"]).ratio(),
+                ]
+            )
             if tokens == TOKENS[-1] and width == WIDTHS[0]:
                 operators = {name: operator_counts(call) for name, call in calls.items() if name != "control"}
     per_shape = Stat([r.median for r in ratios])
     geomean = math.exp(sum(math.log(v) for v in per_shape.samples) / len(per_shape.samples))
     worst = max(ratios, key=lambda r: r.median)
     notes = [
-        (f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; each repeat "
-        f"times as many calls as fit in {min_time:g} s; the two layers alternate, order rotated per repeat."),
-        ("Both layers are checked to give the same output before timing. The A/A control times a second, "
-        "identical peft layer like the others: its distance from 1 is the noise floor."),
-        ("Operators per forward + backward call (torch.profiler, aten ops by count): "
-         + "; ".join(f"{name}: {summary}" for name, summary in operators.items())
-         + (" — the same kernels, so the ratio is Python overhead plus noise." if len(set(operators.values())) == 1
-            else ".")),
-        (f"The target is judged on the geometric mean over the {len(ratios)} shapes of the per-shape median "
-        f"ratios (min–max over shapes beside it); the worst shape is {worst.median:.3f}× ({worst.ratio()})."),
+        (
+            f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; each repeat "
+            f"times as many calls as fit in {min_time:g} s; the two layers alternate, order rotated per repeat."
+        ),
+        (
+            "Both layers are checked to give the same output before timing. The A/A control times a second, "
+            "identical peft layer like the others: its distance from 1 is the noise floor."
+        ),
+        (
+            "Operators per forward + backward call (torch.profiler, aten ops by count): "
+            + "; ".join(f"{name}: {summary}" for name, summary in operators.items())
+            + (
+                " — the same kernels, so the ratio is Python overhead plus noise."
+                if len(set(operators.values())) == 1
+                else "."
+            )
+        ),
+        (
+            f"The target is judged on the geometric mean over the {len(ratios)} shapes of the per-shape median "
+            f"ratios (min–max over shapes beside it); the worst shape is {worst.median:.3f}× ({worst.ratio()})."
+        ),
     ]
-    targets = [Target("LoRA layer fwd+bwd: LoRALinear / peft (geometric mean over shapes)", geomean, LIMIT,
-                      spread=f"{per_shape.lo:.3f}–{per_shape.hi:.3f}× over {len(ratios)} shapes",
-                      lo=min(r.lo for r in ratios), hi=max(r.hi for r in ratios))]
+    targets = [
+        Target(
+            "LoRA layer fwd+bwd: LoRALinear / peft (geometric mean over shapes)",
+            geomean,
+            LIMIT,
+            spread=f"{per_shape.lo:.3f}–{per_shape.hi:.3f}× over {len(ratios)} shapes",
+            lo=min(r.lo for r in ratios),
+            hi=max(r.hi for r in ratios),
+        )
+    ]
     if geomean > LIMIT:
         same = len(set(operators.values())) == 1
-        notes.append("MISS explained: " + (
-            "both layers run the same operators (above), so no kernel of LoRALinear is slower; what is left is "
-            "Python call overhead (microseconds, visible only at 77 tokens) and noise — compare the A/A column. "
-            f"Both share the frozen base's matmuls; the LoRA branch is 2r/d = {2 * RANK / WIDTHS[-1]:.1%}–"
-            f"{2 * RANK / WIDTHS[0]:.1%} of the FLOPs plus one scale and one add over the output, so even a "
-            "perfect LoRALinear could beat peft by a few percent at most." if same else
-            "the layers run different operators (above): the extra ones are the cause."))
-    return Section("LoRA linear layer, forward + backward (CPU)",
-                   ["input (batch, tokens, features)", "lora_nb LoRALinear", "peft lora.Linear", "lora_nb / peft",
-                    "A/A control: peft copy / peft"],
-                   rows, targets, notes)
+        notes.append(
+            "MISS explained: "
+            + (
+                "both layers run the same operators (above), so no kernel of LoRALinear is slower; what is left is "
+                "Python call overhead (microseconds, visible only at 77 tokens) and noise — compare the A/A column. "
+                f"Both share the frozen base's matmuls; the LoRA branch is 2r/d = {2 * RANK / WIDTHS[-1]:.1%}–"
+                f"{2 * RANK / WIDTHS[0]:.1%} of the FLOPs plus one scale and one add over the output, so even a "
+                "perfect LoRALinear could beat peft by a few percent at most."
+                if same
+                else "the layers run different operators (above): the extra ones are the cause."
+            )
+        )
+    return Section(
+        "LoRA linear layer, forward + backward (CPU)",
+        [
+            "input (batch, tokens, features)",
+            "lora_nb LoRALinear",
+            "peft lora.Linear",
+            "lora_nb / peft",
+            "A/A control: peft copy / peft",
+        ],
+        rows,
+        targets,
+        notes,
+    )

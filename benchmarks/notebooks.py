@@ -89,8 +89,9 @@ def run_suite(only: list[str] | None = None) -> SuiteRun:
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
         command = [sys.executable, "-m", "lora_nb.course", "--out", out] + (["--only", *only] if only else [])
-        process = subprocess.Popen(command, cwd=ROOT, env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         sampler = TreeSampler(process.pid) if have_psutil() else None
         if sampler:
             sampler.start()
@@ -103,13 +104,16 @@ def run_suite(only: list[str] | None = None) -> SuiteRun:
     failure = None
     if process.returncode != 0:
         lines = [line for line in output.splitlines() if "Failed" in line or "Error" in line][-1:]
-        failure = (f"the notebook suite failed after {wall:.0f} s (exit {process.returncode}): "
-                   f"{' '.join(lines) or output[-500:]}")
+        failure = (
+            f"the notebook suite failed after {wall:.0f} s (exit {process.returncode}): "
+            f"{' '.join(lines) or output[-500:]}"
+        )
     # ru_maxrss is in kilobytes on Linux (bytes on macOS), and a maximum over all children waited for so far:
     # a value not above the earlier one means this run's largest process was no larger than that.
     scale = 1 if sys.platform == "darwin" else 1024
-    return SuiteRun(wall, sampler.peak if sampler else None, max(after, before) * scale, notebook_times(output),
-                    failure)
+    return SuiteRun(
+        wall, sampler.peak if sampler else None, max(after, before) * scale, notebook_times(output), failure
+    )
 
 
 def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = None) -> Section:
@@ -124,29 +128,52 @@ def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = Non
     tree = Stat([r.tree_peak for r in runs]) if runs[0].tree_peak is not None else None
     # A sampled sum can miss a short spike that getrusage's exact per-process peak catches: judge the larger.
     memory = Stat([max(r.tree_peak or 0, r.largest_process_peak) for r in runs])
-    rows = [["wall time", wall.fmt(1 / 60, "min")],
-            ["peak RSS, whole process tree (sampled every 0.05 s)", tree.fmt(1e-9, "GB") if tree else "psutil missing"],
-            ["peak RSS, largest single process (getrusage)", largest.fmt(1e-9, "GB")]]
-    rows += [[f"wall time of {name}", Stat([r.notebooks[name] for r in runs]).fmt(1, "s")]
-             for name in runs[0].notebooks]
+    rows = [
+        ["wall time", wall.fmt(1 / 60, "min")],
+        [
+            "peak RSS, whole process tree (sampled every 0.05 s)",
+            tree.fmt(1e-9, "GB") if tree else "psutil missing",
+        ],
+        ["peak RSS, largest single process (getrusage)", largest.fmt(1e-9, "GB")],
+    ]
+    rows += [
+        [f"wall time of {name}", Stat([r.notebooks[name] for r in runs]).fmt(1, "s")]
+        for name in runs[0].notebooks
+    ]
     failure = runs[0].failure
     subset = f" (only {', '.join(only)})" if only else ""
     targets = [
         wall.target(f"notebook suite wall time{subset}", WALL_LIMIT_MIN, "min", 1 / 60),
-        memory.target(f"notebook suite peak memory{subset} (larger of tree and process peaks)", MEMORY_LIMIT_GB,
-                      "GB", 1e-9),
+        memory.target(
+            f"notebook suite peak memory{subset} (larger of tree and process peaks)",
+            MEMORY_LIMIT_GB,
+            "GB",
+            1e-9,
+        ),
     ]
     from lora_nb.course import course_notebooks
 
     names = ", ".join(nb.name for nb in course_notebooks(only))
-    notes = [(f"`python -m lora_nb.course --out <tmp>` on the embedded default: {names}; executed notebooks and "
-             "HTML pages are written (to a temporary folder), as the README's main job does: the runner's own "
-             "default of one notebook per core on a CPU, the cores split between their kernels; `--threads` "
-             "does not apply."),
-             ("The getrusage peak is over every child this benchmark process has waited for, so it is the largest "
-             "process of the runs so far.")]
+    notes = [
+        (
+            f"`python -m lora_nb.course --out <tmp>` on the embedded default: {names}; executed notebooks and "
+            "HTML pages are written (to a temporary folder), as the README's main job does: the runner's own "
+            "default of one notebook per core on a CPU, the cores split between their kernels; `--threads` "
+            "does not apply."
+        ),
+        (
+            "The getrusage peak is over every child this benchmark process has waited for, so it is the largest "
+            "process of the runs so far."
+        ),
+    ]
     if failure:
         rows = [[f"{quantity} (until the failure)", value] for quantity, value in rows]
-        return Section("Notebook suite (papermill)", ["quantity", "median (min–max, n)"], rows, [], notes,
-                       skipped=f"targets not judged: {failure}")
+        return Section(
+            "Notebook suite (papermill)",
+            ["quantity", "median (min–max, n)"],
+            rows,
+            [],
+            notes,
+            skipped=f"targets not judged: {failure}",
+        )
     return Section("Notebook suite (papermill)", ["quantity", "median (min–max, n)"], rows, targets, notes)

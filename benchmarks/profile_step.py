@@ -23,9 +23,13 @@ from .train_step import LOOPS, StepSetup
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--loop", choices=list(LOOPS), default="lora_nb")
-    parser.add_argument("--torch", action="store_true", help="torch.profiler operator table instead of cProfile")
+    parser.add_argument(
+        "--torch", action="store_true", help="torch.profiler operator table instead of cProfile"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
@@ -52,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     setup = StepSetup(settings.model, settings.data, warmup=args.warmup, steps=args.steps, on_step=on_step)
     with tempfile.TemporaryDirectory(prefix="lora_nb-profile-") as tmp, quiet():
         run = LOOPS[args.loop](setup, Path(tmp))
-    print(f"{args.loop}: {run.per_step * 1e3:.1f} ms per step over {args.steps} steps "
-          f"({torch.get_num_threads()} threads); profiled the same steps:\n")
+    print(
+        f"{args.loop}: {run.per_step * 1e3:.1f} ms per step over {args.steps} steps "
+        f"({torch.get_num_threads()} threads); profiled the same steps:\n"
+    )
     if args.torch:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
     else:

@@ -72,9 +72,14 @@ class Run:
 
 # Where a step's time goes, the same names for the three loops; the table lists them in this order.
 LATENTS, TEXT, FORWARD, BACKWARD, CLIP, OPTIMIZER, OTHER = (
-    "latents (VAE encode, or a cached / precomputed one)", "text embeddings (text encoder, or cached)",
-    "noise + UNet forward + loss", "backward", "gradient clipping", "AdamW step + zero_grad",
-    "the rest: data loading, loss logging, LR scheduler, bookkeeping")
+    "latents (VAE encode, or a cached / precomputed one)",
+    "text embeddings (text encoder, or cached)",
+    "noise + UNet forward + loss",
+    "backward",
+    "gradient clipping",
+    "AdamW step + zero_grad",
+    "the rest: data loading, loss logging, LR scheduler, bookkeeping",
+)
 PHASES = (LATENTS, TEXT, FORWARD, BACKWARD, CLIP, OPTIMIZER, OTHER)
 
 
@@ -107,11 +112,13 @@ class Phases:
 
     def wrap(self, name: str, function: Callable) -> Callable:
         """``function``, its time counted as ``name`` and the time before it as OTHER."""
+
         def timed(*args, **kwargs):
             self.mark(OTHER)
             result = function(*args, **kwargs)
             self.mark(name)
             return result
+
         return timed
 
 
@@ -136,7 +143,9 @@ class StepClock:
 def stamp(stamps: list[float], setup: StepSetup, phases: Phases) -> None:
     """Mark the end of a step; the phase clock restarts when the warm-up is over."""
     phases.mark(OTHER)
-    if torch.cuda.is_available():  # accelerate puts the trainer and the reference on the GPU: time finished work
+    if (
+        torch.cuda.is_available()
+    ):  # accelerate puts the trainer and the reference on the GPU: time finished work
         torch.cuda.synchronize()
     stamps.append(time.perf_counter())
     step = len(stamps) - 1
@@ -150,7 +159,7 @@ def per_step_from_stamps(stamps: list[float], warmup: int, steps: int) -> tuple[
     """stamps[k] is the end of step k (stamps[0] the start of step 1)."""
     if len(stamps) < warmup + steps + 1:
         raise RuntimeError(f"expected {warmup + steps} step boundaries, recorded {len(stamps) - 1}")
-    window = stamps[warmup:warmup + steps + 1]
+    window = stamps[warmup : warmup + steps + 1]
     return (window[-1] - window[0]) / steps, [b - a for a, b in itertools.pairwise(window)]
 
 
@@ -164,14 +173,26 @@ def run_lora_nb(setup: StepSetup, workdir: Path) -> Run:
     # The module, not the function lora_nb/__init__.py exports under the same name.
     trainer = importlib.import_module("lora_nb.train")
     if not hasattr(trainer, "tqdm"):
-        raise RuntimeError("lora_nb.train no longer uses tqdm for its progress bar; update benchmarks/train_step.py "
-                           "to find the step boundaries another way")
+        raise RuntimeError(
+            "lora_nb.train no longer uses tqdm for its progress bar; update benchmarks/train_step.py "
+            "to find the step boundaries another way"
+        )
     config = trainer.TrainConfig(
-        pretrained_model_name_or_path=str(setup.model), train_data_dir=str(setup.data), center_crop=True,
-        random_flip=True, train_batch_size=setup.batch_size, max_train_steps=setup.warmup + setup.steps,
-        learning_rate=setup.learning_rate, max_grad_norm=setup.max_grad_norm, rank=setup.rank,
-        lr_scheduler="constant", mixed_precision="no", seed=setup.seed, output_dir=str(workdir / "lora_nb"),
-        checkpointing_steps=0, show_progress=False,
+        pretrained_model_name_or_path=str(setup.model),
+        train_data_dir=str(setup.data),
+        center_crop=True,
+        random_flip=True,
+        train_batch_size=setup.batch_size,
+        max_train_steps=setup.warmup + setup.steps,
+        learning_rate=setup.learning_rate,
+        max_grad_norm=setup.max_grad_norm,
+        rank=setup.rank,
+        lr_scheduler="constant",
+        mixed_precision="no",
+        seed=setup.seed,
+        output_dir=str(workdir / "lora_nb"),
+        checkpointing_steps=0,
+        show_progress=False,
     )
     start = time.perf_counter()
     dataset = trainer.load_training_set(config, trainer.training_resolution(config), setup.seed)
@@ -187,18 +208,31 @@ def run_lora_nb(setup: StepSetup, workdir: Path) -> Run:
     stamps: list[float] = []
     phases = Phases()
     with contextlib.ExitStack() as patches:
-        patches.enter_context(mock.patch.object(trainer, "tqdm", lambda *a, **k: StepClock(stamps, setup, phases)))
+        patches.enter_context(
+            mock.patch.object(trainer, "tqdm", lambda *a, **k: StepClock(stamps, setup, phases))
+        )
         # The phases, read at the trainer's own seams: module-level functions and accelerate's methods.
-        for owner, name, phase in ((trainer, "batch_latents", LATENTS), (trainer, "batch_text", TEXT),
-                                   (trainer, "denoising_loss", FORWARD), (Accelerator, "backward", BACKWARD),
-                                   (Accelerator, "clip_grad_norm_", CLIP), (AcceleratedOptimizer, "step", OPTIMIZER),
-                                   (AcceleratedOptimizer, "zero_grad", OPTIMIZER)):
+        for owner, name, phase in (
+            (trainer, "batch_latents", LATENTS),
+            (trainer, "batch_text", TEXT),
+            (trainer, "denoising_loss", FORWARD),
+            (Accelerator, "backward", BACKWARD),
+            (Accelerator, "clip_grad_norm_", CLIP),
+            (AcceleratedOptimizer, "step", OPTIMIZER),
+            (AcceleratedOptimizer, "zero_grad", OPTIMIZER),
+        ):
             patches.enter_context(mock.patch.object(owner, name, phases.wrap(phase, getattr(owner, name))))
         trainer.train(config, dataset)
     end = time.perf_counter()
     per_step, step_times = per_step_from_stamps(stamps, setup.warmup, setup.steps)
-    return Run(per_step, setup=stamps[0] - start, cache=sum(cache_time), teardown=end - stamps[-1],
-               step_times=step_times, phases=phases.per_step(setup.steps))
+    return Run(
+        per_step,
+        setup=stamps[0] - start,
+        cache=sum(cache_time),
+        teardown=end - stamps[-1],
+        step_times=step_times,
+        phases=phases.per_step(setup.steps),
+    )
 
 
 # ---------------------------------------------------------------- the diffusers reference loop
@@ -230,8 +264,12 @@ def run_reference(setup: StepSetup, workdir: Path) -> Run:
     unet.requires_grad_(False)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet_lora_config = LoraConfig(r=setup.rank, lora_alpha=setup.rank, init_lora_weights="gaussian",
-                                  target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    unet_lora_config = LoraConfig(
+        r=setup.rank,
+        lora_alpha=setup.rank,
+        init_lora_weights="gaussian",
+        target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+    )
     weight_dtype = torch.float32
     unet.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -240,8 +278,9 @@ def run_reference(setup: StepSetup, workdir: Path) -> Run:
     if accelerator.mixed_precision == "fp16":
         cast_training_params(unet, dtype=torch.float32)
     lora_layers = filter(lambda p: p.requires_grad, unet.parameters())
-    optimizer = torch.optim.AdamW(lora_layers, lr=setup.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2,
-                                  eps=1e-08)
+    optimizer = torch.optim.AdamW(
+        lora_layers, lr=setup.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-08
+    )
 
     dataset = load_captioned_dataset(str(setup.data), local=True)
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -251,8 +290,13 @@ def run_reference(setup: StepSetup, workdir: Path) -> Run:
     rng = random.Random(setup.seed)
 
     def tokenize_captions(examples):
-        inputs = tokenizer(examples["text"], max_length=tokenizer.model_max_length, padding="max_length",
-                           truncation=True, return_tensors="pt")
+        inputs = tokenizer(
+            examples["text"],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
         return inputs.input_ids
 
     def preprocess_train(examples):
@@ -269,13 +313,16 @@ def run_reference(setup: StepSetup, workdir: Path) -> Run:
         input_ids = torch.stack([example["input_ids"] for example in examples])
         return {"pixel_values": pixel_values, "input_ids": input_ids}
 
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, shuffle=True, collate_fn=collate_fn,
-                                                   batch_size=setup.batch_size, num_workers=0)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, shuffle=True, collate_fn=collate_fn, batch_size=setup.batch_size, num_workers=0
+    )
     max_train_steps = setup.warmup + setup.steps
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
-                                 num_training_steps=max_train_steps)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
+    lr_scheduler = get_scheduler(
+        "constant", optimizer=optimizer, num_warmup_steps=0, num_training_steps=max_train_steps
+    )
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler
+    )
 
     stamps = [time.perf_counter()]
     phases = Phases()
@@ -291,8 +338,9 @@ def run_reference(setup: StepSetup, workdir: Path) -> Run:
                 phases.mark(LATENTS)
                 noise = torch.randn_like(latents)
                 bsz = latents.shape[0]
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,),
-                                          device=latents.device).long()
+                timesteps = torch.randint(
+                    0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device
+                ).long()
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 phases.mark(FORWARD)
                 encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
@@ -346,7 +394,9 @@ def run_floor(setup: StepSetup, workdir: Path) -> Run:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").requires_grad_(False).to(device)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").requires_grad_(False).to(device)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").requires_grad_(False).to(device)
+    text_encoder = (
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder").requires_grad_(False).to(device)
+    )
     dataset = load_captioned_dataset(str(setup.data), local=True)
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     transform = ImageTransform(resolution, center_crop=True, random_flip=False)
@@ -354,8 +404,12 @@ def run_floor(setup: StepSetup, workdir: Path) -> Run:
         pixels = torch.stack([transform(image) for image in dataset["image"]]).to(device)
         latents_pool = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(64)])
         latents_pool = latents_pool * vae.config.scaling_factor
-        embeddings_pool = torch.cat([text_encoder(tokenize(tokenizer, dataset["text"][i:i + 64]).to(device))[0]
-                                     for i in range(0, len(dataset), 64)])
+        embeddings_pool = torch.cat(
+            [
+                text_encoder(tokenize(tokenizer, dataset["text"][i : i + 64]).to(device))[0]
+                for i in range(0, len(dataset), 64)
+            ]
+        )
     torch.manual_seed(setup.seed)
     inject_lora(unet, UNET_ATTENTION, rank=setup.rank)
     unet.train()
@@ -368,7 +422,7 @@ def run_floor(setup: StepSetup, workdir: Path) -> Run:
     phases = Phases()
     for step in range(setup.warmup + setup.steps):
         first = (step * setup.batch_size) % (len(order) - setup.batch_size)
-        index = order[first:first + setup.batch_size]
+        index = order[first : first + setup.batch_size]
         phases.mark(OTHER)
         latents = latents_pool[index]
         phases.mark(LATENTS)
@@ -399,11 +453,13 @@ def measure(settings: Settings) -> tuple[dict[str, Stat], dict[str, list[Run]], 
         setup.warmup, setup.steps = 3, 10
     runs: dict[str, list[Run]] = {name: [] for name in LOOPS}
     with tempfile.TemporaryDirectory(prefix="lora_nb-bench-") as tmp:
+
         def variant(name):
             def once() -> float:
                 run = LOOPS[name](setup, Path(tmp) / f"{name}-{len(runs[name])}")
                 runs[name].append(run)
                 return run.per_step
+
             return once
 
         stats = interleave({name: variant(name) for name in LOOPS}, settings.repeats)
@@ -412,8 +468,10 @@ def measure(settings: Settings) -> tuple[dict[str, Stat], dict[str, list[Run]], 
 
 def phase_table(runs: dict[str, list[Run]]) -> list[list[str]]:
     """ms per step by phase (median over runs), per loop, and each phase's share of the reference step."""
-    medians = {name: {phase: Stat([r.phases[phase] for r in rs]).median for phase in PHASES}
-               for name, rs in runs.items()}
+    medians = {
+        name: {phase: Stat([r.phases[phase] for r in rs]).median for phase in PHASES}
+        for name, rs in runs.items()
+    }
     reference_total = sum(medians["reference"].values())
     rows = []
     for phase in PHASES:
@@ -434,30 +492,42 @@ def diagnosis(stats: dict[str, Stat], runs: dict[str, list[Run]]) -> list[str]:
     ref = phase["reference"]
     ref_total = sum(ref.values())
     if vs_reference > VS_REFERENCE and floor_vs_reference > VS_REFERENCE:
-        why = (f"MISS explained: the floor itself runs at {floor_vs_reference:.2f}× the reference step, so a "
-               f"trainer that runs this UNet step reaches {VS_REFERENCE}× here only by noise.")
+        why = (
+            f"MISS explained: the floor itself runs at {floor_vs_reference:.2f}× the reference step, so a "
+            f"trainer that runs this UNet step reaches {VS_REFERENCE}× here only by noise."
+        )
         if ref_total:
             avoidable = (ref[LATENTS] + ref[TEXT] + ref[OTHER]) / ref_total
-            unet = (ref[FORWARD] + ref[BACKWARD]) / max(phase["floor"][FORWARD] + phase["floor"][BACKWARD], 1e-12)
-            why += (f" Caching removes only the VAE encoder, the text encoder and the per-item data work: "
-                    f"{avoidable:.0%} of the reference step (phase table); the UNet's forward and backward, which "
-                    f"every loop pays, are the rest (the reference's, with peft's layers, take {unet:.2f}× the "
-                    f"floor's). Reaching {VS_REFERENCE}× needs that avoidable share ≥ {1 - VS_REFERENCE:.0%} "
-                    f"(bigger images give the VAE a bigger share) or a cheaper UNet step than the floor's.")
+            unet = (ref[FORWARD] + ref[BACKWARD]) / max(
+                phase["floor"][FORWARD] + phase["floor"][BACKWARD], 1e-12
+            )
+            why += (
+                f" Caching removes only the VAE encoder, the text encoder and the per-item data work: "
+                f"{avoidable:.0%} of the reference step (phase table); the UNet's forward and backward, which "
+                f"every loop pays, are the rest (the reference's, with peft's layers, take {unet:.2f}× the "
+                f"floor's). Reaching {VS_REFERENCE}× needs that avoidable share ≥ {1 - VS_REFERENCE:.0%} "
+                f"(bigger images give the VAE a bigger share) or a cheaper UNet step than the floor's."
+            )
         notes.append(why)
     elif floor_vs_reference > VS_REFERENCE:
-        notes.append(f"PASS by noise: the floor itself runs at {floor_vs_reference:.2f}× the reference step, so no "
-                     f"trainer that runs this UNet step is truly at {VS_REFERENCE}×; the reference's repeats were "
-                     f"slowed more than the others' (see its spread). Read the floor ratio, not this verdict.")
+        notes.append(
+            f"PASS by noise: the floor itself runs at {floor_vs_reference:.2f}× the reference step, so no "
+            f"trainer that runs this UNet step is truly at {VS_REFERENCE}×; the reference's repeats were "
+            f"slowed more than the others' (see its spread). Read the floor ratio, not this verdict."
+        )
     elif vs_reference > VS_REFERENCE:
-        notes.append(f"MISS explained: the floor runs at {floor_vs_reference:.2f}× the reference, so the target is "
-                     f"reachable; the trainer's own overhead ({vs_floor:.2f}× the floor) keeps it above.")
+        notes.append(
+            f"MISS explained: the floor runs at {floor_vs_reference:.2f}× the reference, so the target is "
+            f"reachable; the trainer's own overhead ({vs_floor:.2f}× the floor) keeps it above."
+        )
     if vs_floor > VS_FLOOR and ref_total:
         extra = {p: phase["lora_nb"][p] - phase["floor"][p] for p in PHASES}
         worst = sorted(extra, key=extra.get, reverse=True)[:3]
-        notes.append("MISS explained: the trainer's time over the floor is mostly in "
-                     + ", ".join(f"{p} (+{extra[p] * 1e3:.1f} ms)" for p in worst)
-                     + "; `python -m benchmarks.profile_step` shows the functions.")
+        notes.append(
+            "MISS explained: the trainer's time over the floor is mostly in "
+            + ", ".join(f"{p} (+{extra[p] * 1e3:.1f} ms)" for p in worst)
+            + "; `python -m benchmarks.profile_step` shows the functions."
+        )
     return notes
 
 
@@ -469,39 +539,68 @@ def benchmark(settings: Settings) -> Section:
     cache = Stat([r.cache for r in runs["lora_nb"]])
     teardown = Stat([r.teardown for r in runs["lora_nb"]])
     rows = [
-        ["lora_nb trainer (cached latents + text)", stats["lora_nb"].ms(), vs_reference.ratio(),
-         vs_floor.ratio(), median_setup["lora_nb"].fmt(1, "s")],
-        ["reference: diffusers script loop (peft, VAE + text encoder every step)", stats["reference"].ms(),
-         "1", paired_ratio(stats["reference"], stats["floor"]).ratio(), median_setup["reference"].fmt(1, "s")],
-        ["floor: UNet fwd + bwd + AdamW, precomputed inputs, lora_nb LoRA", stats["floor"].ms(),
-         paired_ratio(stats["floor"], stats["reference"]).ratio(), "1", median_setup["floor"].fmt(1, "s")],
+        [
+            "lora_nb trainer (cached latents + text)",
+            stats["lora_nb"].ms(),
+            vs_reference.ratio(),
+            vs_floor.ratio(),
+            median_setup["lora_nb"].fmt(1, "s"),
+        ],
+        [
+            "reference: diffusers script loop (peft, VAE + text encoder every step)",
+            stats["reference"].ms(),
+            "1",
+            paired_ratio(stats["reference"], stats["floor"]).ratio(),
+            median_setup["reference"].fmt(1, "s"),
+        ],
+        [
+            "floor: UNet fwd + bwd + AdamW, precomputed inputs, lora_nb LoRA",
+            stats["floor"].ms(),
+            paired_ratio(stats["floor"], stats["reference"]).ratio(),
+            "1",
+            median_setup["floor"].fmt(1, "s"),
+        ],
     ]
     saved = stats["reference"].median - stats["lora_nb"].median
     break_even = f"{cache.median / saved:.0f} steps" if saved > 0 else "never (no per-step saving)"
     notes = [
-        (f"Model {setup.model.name}, data {setup.data.name}, native resolution, batch {setup.batch_size}, "
-         f"rank {setup.rank}, fp32, AdamW lr {setup.learning_rate}, max_grad_norm {setup.max_grad_norm}, centre "
-         f"crop + random flip, no data-loader workers; per run {setup.warmup} warm-up steps, then "
-         f"{setup.steps} timed steps (time / steps)."),
-        (f"One-time cost the trainer pays for its speed: caching VAE latents (both flips) and text embeddings "
-         f"takes {cache.fmt(1, 's')}, inside its setup time; it pays for itself after {break_even} "
-         f"(cache time / per-step saving over the reference). Saving the adapter and model card after the last "
-         f"step: {teardown.fmt(1, 's')}. The floor's setup includes its own precomputation of the inputs."),
+        (
+            f"Model {setup.model.name}, data {setup.data.name}, native resolution, batch {setup.batch_size}, "
+            f"rank {setup.rank}, fp32, AdamW lr {setup.learning_rate}, max_grad_norm {setup.max_grad_norm}, centre "
+            f"crop + random flip, no data-loader workers; per run {setup.warmup} warm-up steps, then "
+            f"{setup.steps} timed steps (time / steps)."
+        ),
+        (
+            f"One-time cost the trainer pays for its speed: caching VAE latents (both flips) and text embeddings "
+            f"takes {cache.fmt(1, 's')}, inside its setup time; it pays for itself after {break_even} "
+            f"(cache time / per-step saving over the reference). Saving the adapter and model card after the last "
+            f"step: {teardown.fmt(1, 's')}. The floor's setup includes its own precomputation of the inputs."
+        ),
         "Ratios are per repeat (runs interleaved, order rotated), then median and min–max over repeats.",
-        ("Phases: timestamps at the loops' seams (for lora_nb: its `batch_latents`, `batch_text`, "
-         "`denoising_loss`, accelerate's `backward`, `clip_grad_norm_`, optimizer `step`/`zero_grad`, wrapped "
-         "while it runs); the sum can differ slightly from the step time, which is measured separately."),
+        (
+            "Phases: timestamps at the loops' seams (for lora_nb: its `batch_latents`, `batch_text`, "
+            "`denoising_loss`, accelerate's `backward`, `clip_grad_norm_`, optimizer `step`/`zero_grad`, wrapped "
+            "while it runs); the sum can differ slightly from the step time, which is measured separately."
+        ),
         *diagnosis(stats, runs),
     ]
     targets = [
         vs_reference.target("training step: lora_nb / reference", VS_REFERENCE),
         vs_floor.target("training step: lora_nb / floor", VS_FLOOR),
     ]
-    breakdown = ("Where the time of a step goes (ms per step, median over runs):",
-                 ["phase", *LOOPS, "share of reference"], phase_table(runs))
+    breakdown = (
+        "Where the time of a step goes (ms per step, median over runs):",
+        ["phase", *LOOPS, "share of reference"],
+        phase_table(runs),
+    )
     if torch.cuda.is_available():
         breakdown = ("Phases are recorded on a CPU only (CUDA runs asynchronously).", [], [])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return Section(f"Training step time ({device}, tiny-sd)",
-                   ["loop", "per step (median, min–max, n)", "/ reference", "/ floor", "setup (s)"],
-                   rows, targets, notes, more_tables=[breakdown])
+    return Section(
+        f"Training step time ({device}, tiny-sd)",
+        ["loop", "per step (median, min–max, n)", "/ reference", "/ floor", "setup (s)"],
+        rows,
+        targets,
+        notes,
+        more_tables=[breakdown],
+    )

@@ -1,45 +1,89 @@
-"""lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read. The names a notebook uses."""
+"""lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read. The names a notebook uses.
 
-import logging
+They load on first use (PEP 562). `python -m lora_nb.train` imports this package before it runs train.py as
+__main__: importing lora_nb.train here as well would load it twice (runpy's RuntimeWarning), and the torch
+and diffusers imports would come before the command line's flags are even read.
+"""
 
-from transformers.utils import logging as _transformers_logging
-
-
-class _NoTorchvisionNotice(logging.Filter):
-    """transformers notes on every import that torchvision is missing; lora_nb needs none, so drop that one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-for _handler in _transformers_logging.get_logger().handlers:
-    _handler.addFilter(_NoTorchvisionNotice())
-
-from .formats import export_kohya, load_lora_weights, lora_state_dict, read_lora, save_lora_weights
-from .inference import load_lora_pipeline
-from .inject import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
-    UNET_CROSS_ATTENTION,
-    count_parameters,
-    fuse_lora,
-    inject_lora,
-    lora_layers,
-    lora_parameters,
-    merge_lora,
-    remove_lora,
-    set_lora_scale,
-    unfuse_lora,
-    unmerge_lora,
-)
-from .layers import LoRALinear
-from .mix import mix_loras
-from .tiny import TINY_SD_PATH, load_tiny_pipeline
-from .train import TrainConfig, train
+import importlib
+import sys
+import types
 
 __all__ = [
-    "TEXT_ENCODER_ATTENTION", "TINY_SD_PATH", "UNET_ATTENTION", "UNET_CROSS_ATTENTION", "LoRALinear",
-    "TrainConfig", "count_parameters", "export_kohya", "fuse_lora", "inject_lora", "load_lora_pipeline",
-    "load_lora_weights", "load_tiny_pipeline", "lora_layers", "lora_parameters", "lora_state_dict", "merge_lora", "mix_loras",
-    "read_lora", "remove_lora", "save_lora_weights", "set_lora_scale", "train", "unfuse_lora", "unmerge_lora",
+    "TEXT_ENCODER_ATTENTION",
+    "TINY_SD_PATH",
+    "UNET_ATTENTION",
+    "UNET_CROSS_ATTENTION",
+    "LoRALinear",
+    "TrainConfig",
+    "count_parameters",
+    "export_kohya",
+    "fuse_lora",
+    "inject_lora",
+    "load_lora_pipeline",
+    "load_lora_weights",
+    "load_tiny_pipeline",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "mix_loras",
+    "read_lora",
+    "remove_lora",
+    "save_lora_weights",
+    "set_lora_scale",
+    "train",
+    "unfuse_lora",
+    "unmerge_lora",
 ]
+_SOURCES = {  # each name's submodule
+    **dict.fromkeys(
+        ["TEXT_ENCODER_ATTENTION", "UNET_ATTENTION", "UNET_CROSS_ATTENTION", "TrainConfig"], "config"
+    ),
+    **dict.fromkeys(
+        ["export_kohya", "load_lora_weights", "lora_state_dict", "read_lora", "save_lora_weights"], "formats"
+    ),
+    **dict.fromkeys(
+        [
+            "count_parameters",
+            "fuse_lora",
+            "inject_lora",
+            "lora_layers",
+            "lora_parameters",
+            "merge_lora",
+            "remove_lora",
+            "set_lora_scale",
+            "unfuse_lora",
+            "unmerge_lora",
+        ],
+        "inject",
+    ),
+    "load_lora_pipeline": "inference",
+    "LoRALinear": "layers",
+    "mix_loras": "mix",
+    **dict.fromkeys(["TINY_SD_PATH", "load_tiny_pipeline"], "tiny"),
+    "train": "train",
+}
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule lora_nb.train sets this package's `train` to it. Here `train` is the
+        # function (`from lora_nb import train`); the module stays sys.modules["lora_nb.train"].
+        if not (name == "train" and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -57,8 +57,15 @@ def _grid(name: str, unet: nn.Module) -> int:
 def describe_attention(unet: nn.Module) -> list[AttentionLayer]:
     """One row per attention layer: kind, grid, and the widths its projections map between."""
     return [
-        AttentionLayer(name, "cross" if m.is_cross_attention else "self", _grid(name, unet), m.to_q.in_features,
-                       m.to_k.in_features, m.to_q.out_features, m.heads)
+        AttentionLayer(
+            name,
+            "cross" if m.is_cross_attention else "self",
+            _grid(name, unet),
+            m.to_q.in_features,
+            m.to_k.in_features,
+            m.to_q.out_features,
+            m.heads,
+        )
         for name, m in attention_modules(unet).items()
     ]
 
@@ -67,8 +74,16 @@ def attention_table(unet: nn.Module) -> str:
     """`describe_attention` as a text table (names shortened by dropping "transformer_blocks.0.")."""
     rows = [("layer", "kind", "grid", "to_q (in->out)", "to_k/to_v (in->out)", "heads")]
     for r in describe_attention(unet):
-        rows.append((r.name.replace("transformer_blocks.0.", ""), r.kind, f"{r.grid}x{r.grid}",
-                     f"{r.query_dim}->{r.inner_dim}", f"{r.context_dim}->{r.inner_dim}", str(r.heads)))
+        rows.append(
+            (
+                r.name.replace("transformer_blocks.0.", ""),
+                r.kind,
+                f"{r.grid}x{r.grid}",
+                f"{r.query_dim}->{r.inner_dim}",
+                f"{r.context_dim}->{r.inner_dim}",
+                str(r.heads),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
@@ -92,9 +107,11 @@ def token_indices(tokenizer, prompt: str, word: str) -> list[int]:
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     piece = tokenizer(word, add_special_tokens=False).input_ids
     for start in range(len(ids) - len(piece) + 1):
-        if piece and ids[start:start + len(piece)] == piece:
+        if piece and ids[start : start + len(piece)] == piece:
             return list(range(start, start + len(piece)))
-    raise ValueError(f"{word!r} is not in the prompt {prompt!r}, whose tokens are {prompt_tokens(tokenizer, prompt)}")
+    raise ValueError(
+        f"{word!r} is not in the prompt {prompt!r}, whose tokens are {prompt_tokens(tokenizer, prompt)}"
+    )
 
 
 # ---------------------------------------------------------------- capturing cross-attention
@@ -104,7 +121,9 @@ class AttentionStore:
     """Running sum of attention maps, each resized to one grid: `total` is (batch, tokens, height, width)."""
 
     def __init__(self, latent_size: tuple[int, int], size: tuple[int, int]):
-        self.latent_size = latent_size  # (H, W) of the UNet's input, to lay each layer's queries out on a grid
+        self.latent_size = (
+            latent_size  # (H, W) of the UNet's input, to lay each layer's queries out on a grid
+        )
         self.size = size
         self.total: torch.Tensor | None = None
         self.count = 0  # maps added: layers x denoising steps
@@ -127,8 +146,9 @@ class AttentionStore:
         maps = maps.permute(0, 3, 1, 2)  # (batch, tokens, h, w)
         if (h, w) != self.size:
             # Bilinear weights sum to one, so each pixel's attention still sums to one over the tokens.
-            maps = F.interpolate(maps, size=self.size, mode="bilinear", align_corners=False,
-                                 antialias=h > self.size[0])
+            maps = F.interpolate(
+                maps, size=self.size, mode="bilinear", align_corners=False, antialias=h > self.size[0]
+            )
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
 
@@ -145,9 +165,16 @@ class CaptureProcessor:
         self.processor = processor
         self.store = store
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        out = self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                             attention_mask=attention_mask, **kwargs)
+    def __call__(
+        self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs
+    ):
+        out = self.processor(
+            attn,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
         with torch.no_grad():
             # The default processor's path for SD's transformer blocks: hidden_states (batch, pixels, channels).
             context = encoder_hidden_states
@@ -162,7 +189,9 @@ class CaptureProcessor:
 
 
 @contextmanager
-def capture_cross_attention(unet: nn.Module, latent_size: tuple[int, int], size: tuple[int, int] | None = None):
+def capture_cross_attention(
+    unet: nn.Module, latent_size: tuple[int, int], size: tuple[int, int] | None = None
+):
     """Within the block, every cross-attention layer of `unet` adds its maps to the yielded AttentionStore.
 
     `latent_size` is the (H, W) of the latents the UNet will see; maps are averaged at `size` (default: that).
@@ -193,7 +222,9 @@ class CrossAttentionMaps:
         return self.maps[:, token_indices(tokenizer, self.prompt, word)].sum(1)
 
 
-def cross_attention_maps(pipe, prompt: str, size: tuple[int, int] | None = None, **call_kwargs) -> CrossAttentionMaps:
+def cross_attention_maps(
+    pipe, prompt: str, size: tuple[int, int] | None = None, **call_kwargs
+) -> CrossAttentionMaps:
     """Run `pipe(prompt, **call_kwargs)` and return its images with the cross-attention maps of the prompt.
 
     Maps are averaged over heads, cross-attention layers and denoising steps. Under classifier-free guidance
@@ -205,6 +236,8 @@ def cross_attention_maps(pipe, prompt: str, size: tuple[int, int] | None = None,
     with capture_cross_attention(pipe.unet, latent_size, size) as store:
         images = pipe(prompt, **call_kwargs).images
     maps = store.mean()
-    if maps.shape[0] == 2 * len(images):  # [negative prompt, prompt]: the order diffusers concatenates them in
-        maps = maps[len(images):]
+    if maps.shape[0] == 2 * len(
+        images
+    ):  # [negative prompt, prompt]: the order diffusers concatenates them in
+        maps = maps[len(images) :]
     return CrossAttentionMaps(prompt, images, maps, prompt_tokens(pipe.tokenizer, prompt))

@@ -1,4 +1,6 @@
-"""Other LoRA layouts to lora_nb's and back: peft, the blog's attention processors, kohya/A1111.
+"""Adapter layouts, pure: other layouts to lora_nb's and back (peft, the blog's attention processors,
+kohya/A1111), and the per-layer split every module shares. No file is read or written here (formats.py does
+that): every function takes and returns tensors, keys and metadata.
 
 lora_nb's layout is diffusers' (see formats.py): tensors ``f"{component}.{module path}.lora_A.weight"``,
 A: (r, d_in), and ``.lora_B.weight``, B: (d_out, r), component "unet" or "text_encoder"; alpha in metadata,
@@ -31,15 +33,17 @@ from diffusers.utils.state_dict_utils import (
     convert_unet_state_dict_to_peft,
 )
 
+from .layers import finite_number
+
 StateDict = dict[str, torch.Tensor]
 Layers = dict[str, tuple[int, float]]  # module path (or "unet.<path>") -> (rank, alpha)
 
 FORMATS = ("diffusers", "peft", "attn_procs", "kohya")
 COMPONENTS = ("unet", "text_encoder")
-# Key ending -> factor. Older diffusers files spell A "down" and B "up".
+# Key ending -> factor: ours, then the other spellings diffusers reads (older files spell A "down", B "up").
+OUR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 FACTOR_SUFFIXES = {
-    ".lora_A.weight": "A",
-    ".lora_B.weight": "B",
+    **OUR_SUFFIXES,
     ".lora.down.weight": "A",
     ".lora.up.weight": "B",
     ".lora_linear_layer.down.weight": "A",
@@ -52,8 +56,16 @@ _ATTN_PROCS_FACTOR = re.compile(r"[._]lora\.(down|up)\.weight$")  # processor.to
 # A peft file says nothing of which model it adapts; CLIP's modules live under these, a UNet's never do.
 _TEXT_ENCODER_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")
 # What a peft adapter_config.json says about the tensors; the rest (task_type, revision ...) is bookkeeping.
-_PEFT_CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_dora",
-                     "use_rslora", "lora_bias")
+_PEFT_CONFIG_KEYS = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "use_dora",
+    "use_rslora",
+    "lora_bias",
+)
 
 
 def cannot_place(problems: list[str], shown: int = 5) -> ValueError:
@@ -63,12 +75,25 @@ def cannot_place(problems: list[str], shown: int = 5) -> ValueError:
     return ValueError("\n".join([*problems[:shown], *more, count]))
 
 
-def pattern_value(patterns: dict, path: str, default):
-    """peft's ``rank_pattern``/``alpha_pattern`` lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
+def pattern_key(patterns: dict, path: str) -> str | None:
+    """The ``rank_pattern``/``alpha_pattern`` key that applies to ``path``, as peft finds it
+    (peft.utils.other.get_pattern_key), or None."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", path)), None)
+
+
+def layer_alpha(config: dict, path: str, rank: int, component: str = "") -> float:
+    """The alpha peft gives the layer at ``path``: its ``alpha_pattern`` entry, else ``lora_alpha``, else its
+    rank. A value that is no finite number raises, naming the metadata key (``unet.alpha_pattern[...]``)."""
+    prefix = f"{component}." if component else ""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise TypeError(f"{prefix}alpha_pattern must map module patterns to numbers, got {patterns!r}")
+    key = pattern_key(patterns, path)
+    if key is not None:
+        return finite_number(patterns[key], f"{prefix}alpha_pattern[{key!r}]")
+    if "lora_alpha" in config:
+        return finite_number(config["lora_alpha"], f"{prefix}lora_alpha")
+    return float(rank)
 
 
 def lora_config_for(layers: Layers) -> dict:
@@ -90,42 +115,51 @@ def metadata_for(layers: Layers) -> dict:
     """Our file metadata for layers {"unet.<path>": (rank, alpha)}: each component's config, prefixed."""
     metadata = {}
     for component in dict.fromkeys(stem.partition(".")[0] for stem in layers):
-        own = {stem.partition(".")[2]: v for stem, v in layers.items() if stem.startswith(f"{component}.")}
-        metadata |= {f"{component}.{key}": value for key, value in lora_config_for(own).items()}
+        config = lora_config_for(select_component(layers, component))
+        metadata |= {f"{component}.{key}": value for key, value in config.items()}
     return metadata
 
 
-def component_config(metadata: dict, component: str) -> dict:
-    """One component's LoraConfig kwargs out of our prefixed metadata."""
-    return {k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
+def select_component(mapping: dict, component: str) -> dict:
+    """The entries of ``mapping`` (tensors, metadata, layers) under ``component + "."``, prefix dropped."""
+    return {k.removeprefix(f"{component}."): v for k, v in mapping.items() if k.startswith(f"{component}.")}
+
+
+def pair_factors(
+    keys: Iterable[str], suffixes: dict[str, str] = OUR_SUFFIXES
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group factor keys by layer: ({layer: {"A": key, "B": key}}, problems). ``suffixes`` maps a key's ending
+    to its factor; a problem ("key: why") is a key with no such ending, or a factor without its partner."""
+    found: dict[str, dict[str, str]] = {}
+    problems = []
+    for key in keys:
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None:
+            problems.append(f"{key}: not a LoRA factor (expected a key ending in {' or '.join(suffixes)})")
+        else:
+            found.setdefault(key.removesuffix(suffix), {})[suffixes[suffix]] = key
+    for layer, factors in found.items():
+        if len(factors) < 2:
+            ((have, key),) = factors.items()
+            problems.append(f"{key}: no lora_{'B' if have == 'A' else 'A'} for {layer}")
+    return {layer: factors for layer, factors in found.items() if len(factors) == 2}, problems
 
 
 def split_layers(
     tensors: StateDict, metadata: dict | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{"unet.<path>": (A, B, alpha)} from tensors in our layout; alpha as peft resolves it: the layer's
-    ``alpha_pattern`` entry, else ``lora_alpha``, else its rank."""
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    problems = []
-    for key, tensor in tensors.items():
-        factor = next((f for f in "AB" if key.endswith(f".lora_{f}.weight")), None)
-        if factor is None:
-            problems.append(f"{key}: not a LoRA factor (expected a key ending in .lora_A/.lora_B.weight)")
-        else:
-            factors.setdefault(key.removesuffix(f".lora_{factor}.weight"), {})[factor] = tensor
-    for stem, ab in factors.items():
-        if len(ab) < 2:
-            (have,) = ab
-            problems.append(f"{stem}.lora_{have}.weight: no lora_{'B' if have == 'A' else 'A'} for {stem}")
+    """{"unet.<path>": (A, B, alpha)} from tensors in our layout: the one per-layer split that mixing,
+    resizing and kohya export share. Alpha as peft resolves it: the layer's ``alpha_pattern`` entry, else
+    ``lora_alpha``, else its rank. Keys that are no factor, or lack their partner, raise (all listed)."""
+    pairs, problems = pair_factors(tensors)
     if problems:
         raise cannot_place(problems)
     layers = {}
-    for stem, ab in factors.items():
+    for stem, keys in pairs.items():
+        a, b = tensors[keys["A"]], tensors[keys["B"]]
         component, _, path = stem.partition(".")
-        config = component_config(metadata or {}, component)
-        rank = ab["A"].shape[0]
-        alpha = pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", rank))
-        layers[stem] = (ab["A"], ab["B"], float(alpha))
+        config = select_component(metadata or {}, component)
+        layers[stem] = (a, b, layer_alpha(config, path, a.shape[0], component))
     return layers
 
 
@@ -147,13 +181,19 @@ def detect_format(keys: Iterable[str]) -> str:
     layouts = {key: _layout(key) for key in keys}
     counts = Counter(layout for layout in layouts.values() if layout)
     if not counts:
-        raise cannot_place([f"{key}: in no known LoRA layout ({', '.join(FORMATS)})" for key in layouts]
-                           or ["(no keys): the state dict is empty"])
+        raise cannot_place(
+            [f"{key}: in no known LoRA layout ({', '.join(FORMATS)})" for key in layouts]
+            or ["(no keys): the state dict is empty"]
+        )
     layout = counts.most_common(1)[0][0]
     others = [(key, other) for key, other in layouts.items() if other != layout]
     if others:
-        raise cannot_place([f"{key}: {f'a {other} key' if other else 'in no known layout'} in a {layout} file"
-                            for key, other in others])
+        raise cannot_place(
+            [
+                f"{key}: {f'a {other} key' if other else 'in no known layout'} in a {layout} file"
+                for key, other in others
+            ]
+        )
     return layout
 
 
@@ -227,26 +267,33 @@ def from_kohya(state: StateDict, metadata: dict | None = None) -> tuple[StateDic
     """kohya/A1111 keys -> ours, each module's ``.alpha`` kept exactly (in the metadata's patterns)."""
     modules: dict[str, dict[str, torch.Tensor]] = {}  # kohya module name -> {"lora_down.weight": tensor ...}
     for key, tensor in state.items():
-        name, _, part = key.partition(".")
-        modules.setdefault(name, {})[part] = tensor
+        name, _, entry = key.partition(".")
+        modules.setdefault(name, {})[entry] = tensor
     tensors, layers, problems = {}, {}, []
-    for name, parts in modules.items():
+    for name, entries in modules.items():
         stem = _kohya_stem(name)
         if stem is None:
-            problems += [f"{name}.{part}: SDXL's second text encoder; SD 1.x has one" for part in parts]
+            problems += [f"{name}.{entry}: SDXL's second text encoder; SD 1.x has one" for entry in entries]
             continue
-        other = [part for part in parts if part not in ("lora_down.weight", "lora_up.weight", "alpha")]
+        other = [entry for entry in entries if entry not in ("lora_down.weight", "lora_up.weight", "alpha")]
         if other:  # LoHa's hada_w1_a, LoKr's lokr_w1, DoRA's dora_scale ...
-            problems += [f"{name}.{part}: not LoRA (a kohya LoRA module holds lora_down, lora_up, alpha)"
-                         for part in other]
-        elif "lora_down.weight" in parts and "lora_up.weight" in parts:
-            a, b = parts["lora_down.weight"], parts["lora_up.weight"]  # A: (r, d_in), B: (d_out, r)
+            problems += [
+                f"{name}.{entry}: not LoRA (a kohya LoRA module holds lora_down, lora_up, alpha)"
+                for entry in other
+            ]
+        elif "lora_down.weight" in entries and "lora_up.weight" in entries:
+            a, b = entries["lora_down.weight"], entries["lora_up.weight"]  # A: (r, d_in), B: (d_out, r)
+            alpha = entries.get("alpha", torch.zeros(()))
+            if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+                problems.append(f"{name}.alpha: must be one finite number, the file has {alpha.tolist()}")
+                continue
             tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a, b
             # kohya's rule (sd-scripts networks/lora.py): no alpha, or alpha 0, means alpha = rank.
-            alpha = parts["alpha"].item() if "alpha" in parts else 0
-            layers[stem] = (a.shape[0], float(alpha or a.shape[0]))
+            layers[stem] = (a.shape[0], float(alpha.item() or a.shape[0]))
         else:
-            problems.append(f"{name}: needs both lora_down.weight and lora_up.weight, has {', '.join(parts)}")
+            problems.append(
+                f"{name}: needs both lora_down.weight and lora_up.weight, has {', '.join(entries)}"
+            )
     if problems:
         raise cannot_place(problems)
     return tensors, metadata_for(layers)
@@ -273,8 +320,9 @@ def to_kohya(tensors: StateDict, metadata: dict | None = None) -> StateDict:
     return out
 
 
-def to_lora_nb(state: StateDict, metadata: dict | None = None, config: dict | None = None
-               ) -> tuple[str, StateDict, dict]:
+def to_lora_nb(
+    state: StateDict, metadata: dict | None = None, config: dict | None = None
+) -> tuple[str, StateDict, dict]:
     """(format, tensors, metadata) in our layout for a state dict in any of FORMATS.
 
     ``metadata`` is what a safetensors header held under "lora_adapter_metadata" (ours, or for bare peft keys

@@ -1,4 +1,5 @@
-"""Captioned images in, training tensors out: loading, checking, transforming, tokenising.
+"""Captioned images in, training tensors out: loading, checking, transforming, tokenising, and the data set
+the trainers share (CaptionedImages, and the TrainingSet interface the trainer reads).
 
 A local folder is a `datasets` imagefolder (images plus a `metadata.jsonl` with `file_name` and a caption
 column); anything else is a hub data set id. A local folder is checked whole before training starts, so a
@@ -10,10 +11,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # the trainer's frozen models; train.py imports this module
+    from .train import Components
 
 
 class DataError(ValueError):
@@ -27,8 +32,10 @@ def check_imagefolder(folder: str | Path, caption_column: str = "text") -> list[
         raise DataError(f"data folder not found: {folder}")
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
-        raise DataError(f"{metadata} is missing: an imagefolder needs one line per image with "
-                        f"'file_name' and '{caption_column}'")
+        raise DataError(
+            f"{metadata} is missing: an imagefolder needs one line per image with "
+            f"'file_name' and '{caption_column}'"
+        )
     records = []
     for number, line in enumerate(metadata.read_text().splitlines(), start=1):
         if not line.strip():
@@ -38,10 +45,17 @@ def check_imagefolder(folder: str | Path, caption_column: str = "text") -> list[
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{where}: expected a JSON object such as "
+                f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}, got {line.strip()!r:.80}'
+            )
         for key in ("file_name", caption_column):
             if key not in record:
                 raise DataError(f"{where}: no '{key}' key (keys: {sorted(record)})")
-        if not isinstance(record[caption_column], str) or not record[caption_column].strip():
+            if not isinstance(record[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {record[key]!r:.80}")
+        if not record[caption_column].strip():
             raise DataError(f"{where}: empty caption in '{caption_column}' for {record['file_name']}")
         image_path = folder / record["file_name"]
         if not image_path.is_file():
@@ -57,8 +71,14 @@ def check_imagefolder(folder: str | Path, caption_column: str = "text") -> list[
     return records
 
 
-def load_captioned_dataset(name_or_folder: str | Path, image_column: str = "image", caption_column: str = "text",
-                           split: str = "train", cache_dir: str | None = None, local: bool = False):
+def load_captioned_dataset(
+    name_or_folder: str | Path,
+    image_column: str = "image",
+    caption_column: str = "text",
+    split: str = "train",
+    cache_dir: str | None = None,
+    local: bool = False,
+):
     """A `datasets.Dataset` of images and captions, from a local imagefolder or a hub data set id.
 
     A path that exists (or any path, with `local=True`) is read as an imagefolder and checked first.
@@ -72,8 +92,10 @@ def load_captioned_dataset(name_or_folder: str | Path, image_column: str = "imag
         dataset = load_dataset(str(name_or_folder), split=split, cache_dir=cache_dir)
     for role, column in (("image", image_column), ("caption", caption_column)):
         if column not in dataset.column_names:
-            raise DataError(f"{role} column '{column}' not in data set {name_or_folder}; "
-                            f"its columns are {dataset.column_names}")
+            raise DataError(
+                f"{role} column '{column}' not in data set {name_or_folder}; "
+                f"its columns are {dataset.column_names}"
+            )
     return dataset
 
 
@@ -91,10 +113,17 @@ class ImageTransform:
         image = image.convert("RGB")
         scale = self.resolution / min(image.size)
         if scale != 1:
-            size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+            size = (
+                max(self.resolution, round(image.width * scale)),
+                max(self.resolution, round(image.height * scale)),
+            )
             image = image.resize(size, Image.Resampling.BILINEAR)
         spare_x, spare_y = image.width - self.resolution, image.height - self.resolution
-        left, top = (spare_x // 2, spare_y // 2) if self.center_crop else (rng.randint(0, spare_x), rng.randint(0, spare_y))
+        left, top = (
+            (spare_x // 2, spare_y // 2)
+            if self.center_crop
+            else (rng.randint(0, spare_x), rng.randint(0, spare_y))
+        )
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -104,5 +133,106 @@ class ImageTransform:
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's length (77 in SD), as the pipeline pads prompts."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+class TrainingSet(Protocol):
+    """What the trainer needs of a data set: CaptionedImages, and the sets built from it
+    (dreambooth.DreamBoothPairs, sweep.SharedCache).
+
+    Item i is a list of examples (CaptionedImages.example's dicts) whose losses add up: one for plain
+    fine-tuning, an instance and a class example for DreamBooth. `collate` makes a batch of such items.
+    """
+
+    transform: ImageTransform  # the trainer caches latents only under a centre crop
+    epoch: int  # set by the trainer before each epoch: the random crops and flips are drawn from it
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> list[dict]: ...
+
+    def cache(self, components: Components, latents: bool, text: bool, device, batch_size: int = 32) -> None:
+        """Encode the images (latents) and captions (text) once with the frozen models, or forget both."""
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """The trainer's data set: images with their captions, each item a list of one example (a TrainingSet).
+
+    An example is a dict with either `latent_mean`/`latent_std` (cached) or `pixels`, either
+    `text_embedding` (cached) or `caption`, and a loss `weight`.
+    """
+
+    def __init__(self, images, captions, transform: ImageTransform, seed: int, weight: float = 1.0):
+        self.images, self.captions, self.transform = images, captions, transform
+        self.seed, self.weight, self.epoch = seed, weight, 0
+        self.latents: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per image, per flip
+        self.text_embeddings: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.seed}-{self.epoch}-{index}")
+
+    def example(self, index: int) -> dict:
+        rng = self._rng(index)
+        example = {"weight": self.weight}
+        if self.latents is not None:
+            flip = int(self.transform.random_flip and rng.random() < 0.5)
+            example["latent_mean"], example["latent_std"] = (t[flip] for t in self.latents[index])
+        else:
+            example["pixels"] = self.transform(self.images[index], rng)
+        if self.text_embeddings is not None:
+            example["text_embedding"] = self.text_embeddings[index]
+        else:
+            example["caption"] = self.captions[index]
+        return example
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return [self.example(index)]
+
+    @torch.no_grad()
+    def cache(self, components: Components, latents: bool, text: bool, device, batch_size: int = 32) -> None:
+        """Run the frozen VAE / text encoder over the whole set once (or forget what was cached before)."""
+        self.latents = self.text_embeddings = None
+        if latents:
+            flips = [False, True] if self.transform.random_flip else [False]
+            self.latents = []
+            for first in range(0, len(self), batch_size):
+                chunk = range(first, min(len(self), first + batch_size))
+                per_flip = []
+                for flip in flips:
+                    transform = ImageTransform(self.transform.resolution, center_crop=True, random_flip=False)
+                    pixels = torch.stack([transform(self.images[i]) for i in chunk])
+                    if flip:
+                        pixels = pixels.flip(-1)
+                    dist = components.vae.encode(pixels.to(device, components.vae.dtype)).latent_dist
+                    per_flip.append((dist.mean.float().cpu(), dist.std.float().cpu()))
+                for j in range(len(chunk)):
+                    self.latents.append(
+                        (torch.stack([m[j] for m, _ in per_flip]), torch.stack([s[j] for _, s in per_flip]))
+                    )
+        if text:
+            embeddings = []
+            for first in range(0, len(self), batch_size):
+                ids = tokenize(components.tokenizer, self.captions[first : first + batch_size]).to(device)
+                embeddings.append(components.text_encoder(ids)[0].cpu())
+            self.text_embeddings = torch.cat(embeddings)
+
+
+def collate(items: list[list[dict]]) -> dict:
+    """One batch of TrainingSet items: their examples stacked, and how many items they came from."""
+    examples = [ex for item in items for ex in item]
+    batch = {"items": len(items), "weight": torch.tensor([ex["weight"] for ex in examples])}
+    for key in ("latent_mean", "latent_std", "pixels", "text_embedding"):
+        if key in examples[0]:
+            batch[key] = torch.stack([ex[key] for ex in examples])
+    if "caption" in examples[0]:
+        batch["caption"] = [ex["caption"] for ex in examples]
+    return batch

@@ -1,6 +1,7 @@
 """DreamBooth with LoRA: teach the model one subject from a handful of photos, under a rare identifier.
 
-    python -m lora_nb.dreambooth --instance_data_dir data/subject --instance_prompt "a photo of sks star" \
+    python -m lora_nb.dreambooth --pretrained_model_name_or_path data/tiny-sd \
+        --instance_data_dir data/subject --instance_prompt "a photo of sks star" \
         --with_prior_preservation --class_prompt "a photo of a star" --class_data_dir class-star \
         --max_train_steps 300 --learning_rate 1e-3 --output_dir sks-star-lora
 
@@ -26,28 +27,33 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from .data import DataError, ImageTransform
+from .config import TrainConfig, config_from_args, flag
+from .data import CaptionedImages, DataError, ImageTransform
 from .inference import load_base_pipeline
 from .textual_inversion import check_new_token
-from .train import CaptionedImages, TrainConfig, TrainResult, config_from_args, train, training_resolution
+from .train import TrainResult, train, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
 class DreamBoothConfig(TrainConfig):
-    instance_data_dir: str | None = None
-    instance_prompt: str | None = None
-    class_data_dir: str | None = None
-    class_prompt: str | None = None
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    sample_batch_size: int = 4
-    pre_compute_text_embeddings: bool = False  # accepted for diffusers' sake: done whenever the text encoder is frozen
-    pivotal: bool = False  # textual inversion of placeholder_token first, then LoRA with it
-    ti_steps: int = 200
-    ti_learning_rate: float = 5e-3
+    instance_data_dir: str | None = flag(None, "folder of the subject's photos")
+    instance_prompt: str | None = flag(None, "prompt naming the subject, e.g. 'a photo of sks star'")
+    class_data_dir: str | None = flag(None, "folder of class images (drawn by the base model if short)")
+    class_prompt: str | None = flag(None, "prompt for the class, e.g. 'a photo of a star'")
+    with_prior_preservation: bool = flag(False, "also train on class images, keeping what the class meant")
+    prior_loss_weight: float = flag(1.0, "weight of the class images' loss", at_least=0)
+    num_class_images: int = flag(
+        100, "class images to train with (drawn first if the folder has fewer)", at_least=1
+    )
+    sample_batch_size: int = flag(4, "batch size for drawing class images", at_least=1)
+    pre_compute_text_embeddings: bool = flag(
+        False, "accepted for diffusers' sake: done whenever the text encoder is frozen"
+    )
+    pivotal: bool = flag(False, "textual inversion of --placeholder_token first, then LoRA with it")
+    ti_steps: int = flag(200, "textual inversion steps (with --pivotal)", at_least=1)
+    ti_learning_rate: float = flag(5e-3, "textual inversion learning rate (with --pivotal)", above=0)
 
 
 def read_images(folder: str | Path, role: str) -> list[Image.Image]:
@@ -68,8 +74,15 @@ def read_images(folder: str | Path, role: str) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def generate_class_images(base_model: str, class_prompt: str, folder: str | Path, count: int, batch_size: int = 4,
-                          seed: int = 0, dtype: torch.dtype | None = None) -> None:
+def generate_class_images(
+    base_model: str,
+    class_prompt: str,
+    folder: str | Path,
+    count: int,
+    batch_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Draw class images with the base model until `folder` holds `count` of them (kept for later runs)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +92,11 @@ def generate_class_images(base_model: str, class_prompt: str, folder: str | Path
     pipe = load_base_pipeline(base_model, dtype=dtype, device="cuda" if torch.cuda.is_available() else None)
     for first in tqdm(range(have, count, batch_size), desc="class images", unit="batch"):
         n = min(batch_size, count - first)
-        images = pipe([class_prompt] * n, num_inference_steps=25,
-                      generator=[torch.Generator().manual_seed(seed + first + i) for i in range(n)]).images
+        images = pipe(
+            [class_prompt] * n,
+            num_inference_steps=25,
+            generator=[torch.Generator().manual_seed(seed + first + i) for i in range(n)],
+        ).images
         for i, image in enumerate(images):
             tmp = folder / f".class-{first + i:05d}.png"
             image.save(tmp)
@@ -88,14 +104,15 @@ def generate_class_images(base_model: str, class_prompt: str, folder: str | Path
 
 
 class DreamBoothPairs(torch.utils.data.Dataset):
-    """Item i: instance example i (mod their number), plus class example i under prior preservation."""
+    """A TrainingSet whose item i is instance example i (mod their number), plus class example i under prior
+    preservation: the two losses add up."""
 
     def __init__(self, instance: CaptionedImages, prior: CaptionedImages | None = None):
         self.instance, self.prior = instance, prior
         self.transform = instance.transform
 
     @property
-    def parts(self) -> list[CaptionedImages]:
+    def sets(self) -> list[CaptionedImages]:
         return [self.instance] + ([self.prior] if self.prior else [])
 
     @property
@@ -104,35 +121,42 @@ class DreamBoothPairs(torch.utils.data.Dataset):
 
     @epoch.setter
     def epoch(self, epoch: int) -> None:
-        for part in self.parts:
-            part.epoch = epoch
+        for images in self.sets:
+            images.epoch = epoch
 
     def __len__(self) -> int:
-        return max(len(part) for part in self.parts)
+        return max(len(images) for images in self.sets)
 
     def __getitem__(self, index: int) -> list[dict]:
-        return [part.example(index % len(part)) for part in self.parts]
+        return [images.example(index % len(images)) for images in self.sets]
 
     def cache(self, *args, **kwargs) -> None:
-        for part in self.parts:
-            part.cache(*args, **kwargs)
+        for images in self.sets:
+            images.cache(*args, **kwargs)
 
 
 def check_config(config: DreamBoothConfig) -> None:
+    config.validate()
     if not config.instance_data_dir or not config.instance_prompt:
         raise ValueError("DreamBooth needs --instance_data_dir and --instance_prompt")
     if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
         raise ValueError("--with_prior_preservation needs --class_data_dir and --class_prompt")
     if config.train_text_encoder and config.pre_compute_text_embeddings:
-        raise ValueError("--pre_compute_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder")
+        raise ValueError(
+            "--pre_compute_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder"
+        )
     if config.pivotal and not config.placeholder_token:
-        raise ValueError("--pivotal needs --placeholder_token (a new word such as '<sks>') and --initializer_token")
+        raise ValueError(
+            "--pivotal needs --placeholder_token (a new word such as '<sks>') and --initializer_token"
+        )
     if config.placeholder_token:
         tokenizer = CLIPTokenizer.from_pretrained(config.pretrained_model_name_or_path, subfolder="tokenizer")
         check_new_token(tokenizer, config.placeholder_token)
     if config.placeholder_token and config.placeholder_token not in config.instance_prompt:
-        raise ValueError(f"--instance_prompt {config.instance_prompt!r} does not contain the placeholder token "
-                         f"{config.placeholder_token!r}: it is the word the subject is learned under")
+        raise ValueError(
+            f"--instance_prompt {config.instance_prompt!r} does not contain the placeholder token "
+            f"{config.placeholder_token!r}: it is the word the subject is learned under"
+        )
 
 
 def dreambooth(config: DreamBoothConfig) -> TrainResult:
@@ -142,21 +166,45 @@ def dreambooth(config: DreamBoothConfig) -> TrainResult:
     seed = config.seed or 0
     transform = ImageTransform(resolution, config.center_crop, config.random_flip)
     instance_images = read_images(config.instance_data_dir, "instance")
-    instance = CaptionedImages(instance_images, [config.instance_prompt] * len(instance_images), transform, seed)
+    instance = CaptionedImages(
+        instance_images, [config.instance_prompt] * len(instance_images), transform, seed
+    )
     prior = None
     if config.with_prior_preservation:
-        generate_class_images(config.pretrained_model_name_or_path, config.class_prompt, config.class_data_dir,
-                              config.num_class_images, config.sample_batch_size, seed)
-        class_images = read_images(config.class_data_dir, "class")[:config.num_class_images]
-        prior = CaptionedImages(class_images, [config.class_prompt] * len(class_images), transform, seed + 1,
-                                weight=config.prior_loss_weight)
+        generate_class_images(
+            config.pretrained_model_name_or_path,
+            config.class_prompt,
+            config.class_data_dir,
+            config.num_class_images,
+            config.sample_batch_size,
+            seed,
+        )
+        class_images = read_images(config.class_data_dir, "class")[: config.num_class_images]
+        prior = CaptionedImages(
+            class_images,
+            [config.class_prompt] * len(class_images),
+            transform,
+            seed + 1,
+            weight=config.prior_loss_weight,
+        )
     dataset = DreamBoothPairs(instance, prior)
     if config.pivotal:
-        pivot = train(replace(config, finetune="embedding", max_train_steps=config.ti_steps,
-                              learning_rate=config.ti_learning_rate, lr_scheduler="constant", lr_warmup_steps=0,
-                              output_dir=str(Path(config.output_dir) / "textual_inversion"),
-                              validation_prompt=None, checkpointing_steps=0, resume_from_checkpoint=None), dataset)
-        config = replace(config, learned_embedding=str(pivot.lora_path))
+        pivot = train(
+            replace(
+                config,
+                finetune="embedding",
+                max_train_steps=config.ti_steps,
+                learning_rate=config.ti_learning_rate,
+                lr_scheduler="constant",
+                lr_warmup_steps=0,
+                output_dir=str(Path(config.output_dir) / "textual_inversion"),
+                validation_prompt=None,
+                checkpointing_steps=0,
+                resume_from_checkpoint=None,
+            ),
+            dataset,
+        )
+        config = replace(config, learned_embedding=str(pivot.embedding_path))
     return train(config, dataset)
 
 

@@ -9,7 +9,7 @@ loader, this package's and diffusers', assumes when a file carries no alpha, so 
 import torch
 from torch import nn
 
-from .formats import _pattern_value  # peft's alpha_pattern rule, kept in one place
+from .convert import split_layers
 from .inject import UNET_ATTENTION, Targets, find_targets, lora_layers
 
 StateDict = dict[str, torch.Tensor]
@@ -101,7 +101,7 @@ def resize_lora(
     """The same adapter at rank ``rank``: each layer's ΔW = (alpha / r) B A truncated by SVD.
 
     ``state_dict`` holds ``<prefix>.<layer>.lora_A.weight`` / ``lora_B.weight`` keys, any prefixes
-    (``unet.``, ``text_encoder.`` ...). ``metadata`` is what ``formats.read_lora_file`` returns: peft
+    (``unet.``, ``text_encoder.`` ...). ``metadata`` is a ``read_lora`` adapter's ``metadata``: peft
     LoraConfig kwargs with prefixed names, ``{"unet.lora_alpha": 8, "unet.alpha_pattern": {...}}``; without
     it alpha = r, as in every loader. The result has alpha = ``rank`` (the scaling is folded into the
     factors), so save it without the old metadata. Layers below ``rank`` stay exact, padded with zeros.
@@ -109,25 +109,9 @@ def resize_lora(
     """
     if rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    metadata = metadata or {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}  # "unet.<layer>" -> {"A": A, "B": B}
-    for key, tensor in state_dict.items():
-        factor = next((f for f in "AB" if key.endswith(f".lora_{f}.weight")), None)
-        if factor is None:
-            raise ValueError(
-                f"{key}: not a LoRA factor (expected a key ending in .lora_A.weight or .lora_B.weight)"
-            )
-        pairs.setdefault(key.removesuffix(f".lora_{factor}.weight"), {})[factor] = tensor.float()
     state, report = {}, {}
-    for stem, ab in pairs.items():
-        if len(ab) < 2:
-            raise ValueError(f"{stem}: the state dict has lora_{''.join(ab)} but not its partner")
-        a, b = ab["A"], ab["B"]  # A: (r, d_in), B: (d_out, r)
-        prefix, _, path = stem.partition(".")
-        # Alpha as diffusers/peft resolve it: this layer's alpha_pattern entry, else lora_alpha, else r.
-        config = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
-        alpha = _pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", a.shape[0]))
-        b = b * (alpha / a.shape[0])  # fold the scaling in: ΔW = B' A
+    for stem, (a, b, alpha) in split_layers(state_dict, metadata).items():
+        a, b = a.float(), b.float() * (alpha / a.shape[0])  # fold the scaling in: ΔW = B' A
         new_b, new_a = _factors(*_svd_of_product(b, a), rank)
         state[f"{stem}.lora_A.weight"], state[f"{stem}.lora_B.weight"] = new_a, new_b
         report[stem] = _relative_error(b @ a, new_b, new_a)

@@ -1,4 +1,7 @@
-"""LoRA weight files: the diffusers/peft format that ``StableDiffusionPipeline.load_lora_weights`` reads.
+"""Adapter I/O: the adapter in memory (``LoraAdapter``), its one reader and one writer, and putting it into a
+model. Reading and writing files happens here; every key and tensor layout transform is in convert.py.
+
+The file is the diffusers/peft format that ``StableDiffusionPipeline.load_lora_weights`` reads.
 
 One safetensors file, keys ``f"{prefix}.{module path}.lora_A.weight"`` (A: (r, d_in)) and ``.lora_B.weight``
 (B: (d_out, r)), prefix "unet" or "text_encoder". The tensors give the rank but not alpha, so alpha travels
@@ -9,12 +12,15 @@ to ``LoraConfig`` as they are (diffusers/utils/peft_utils.py ``_create_lora_conf
 assumes alpha = rank, and so does this loader.
 
 ``read_lora`` reads the other layouts too (peft adapters, the blog's attention processors, kohya/A1111;
-lora_nb/convert.py), says which it found, and hands back this one; ``export_kohya`` writes kohya's.
+lora_nb/convert.py), says which it found, and hands back this one; ``save_lora_weights`` writes it, and
+``export_kohya`` writes kohya's.
 """
 
 import json
 import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,8 +28,17 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .convert import FACTOR_SUFFIXES, cannot_place, component_config, lora_config_for, to_kohya, to_lora_nb
-from .convert import pattern_value as _pattern_value  # peft's alpha_pattern rule (extract.py imports it here)
+from .convert import (
+    FACTOR_SUFFIXES,
+    cannot_place,
+    layer_alpha,
+    lora_config_for,
+    metadata_for,
+    pair_factors,
+    select_component,
+    to_kohya,
+    to_lora_nb,
+)
 from .inject import freeze_all_but_lora, lora_layers, replace_module
 from .layers import LoRALinear
 
@@ -39,8 +54,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LoraFile:
-    """An adapter in lora_nb's layout, whatever layout its file had."""
+class LoraAdapter:
+    """An adapter in memory, in lora_nb's layout, whatever layout its file (if any) had."""
 
     tensors: dict[str, torch.Tensor]  # "unet.<module>.lora_A.weight": (r, d_in), ".lora_B.weight": (d_out, r)
     metadata: dict  # peft LoraConfig kwargs with prefixed names; {} means alpha = rank
@@ -48,11 +63,29 @@ class LoraFile:
     path: Path | None = None  # the file read
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], metadata: dict | None = None,
-                        config: dict | None = None) -> "LoraFile":
-        """An adapter held in memory, in any layout (convert.to_lora_nb says what metadata and config are)."""
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], metadata: dict | None = None, config: dict | None = None
+    ) -> "LoraAdapter":
+        """An adapter from a state dict in any layout (see convert.to_lora_nb for metadata and config)."""
         layout, tensors, metadata = to_lora_nb(state, metadata, config)
         return cls(tensors, metadata, layout)
+
+    @classmethod
+    def from_models(
+        cls, unet: nn.Module | None = None, text_encoder: nn.Module | None = None
+    ) -> "LoraAdapter":
+        """The LoRA layers of ``unet`` and/or ``text_encoder``: their factors and their ranks and alphas."""
+        tensors, layers = {}, {}
+        for prefix, model in zip(PREFIXES, (unet, text_encoder)):
+            if model is None:
+                continue
+            if not lora_layers(model):
+                raise ValueError(f"{type(model).__name__} has no LoRA layers")
+            tensors |= lora_state_dict(model, prefix)
+            layers |= {f"{prefix}.{path}": (m.rank, m.alpha) for path, m in lora_layers(model).items()}
+        if not tensors:
+            raise ValueError("nothing to save: pass unet= and/or text_encoder=")
+        return cls(tensors, metadata_for(layers))
 
 
 def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
@@ -78,47 +111,57 @@ def _weights_path(path: str | os.PathLike) -> Path:
     return path if path.suffix == ".safetensors" else path / WEIGHT_NAME
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with its header's metadata in sorted order. safetensors itself keeps the metadata
+    in a hash map, whose order changes from one save to the next; the same adapter should be the same file."""
+    raw = safetensors.torch.save(tensors)
+    size = int.from_bytes(raw[:8], "little")
+    header = {"__metadata__": dict(sorted(metadata.items())), **json.loads(raw[8 : 8 + size])}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + raw[8 + size :]
+
+
+def file_header(metadata: dict | None) -> dict[str, str]:
+    """The safetensors header a file of ours carries: torch's "format" and, unless None, the adapter's
+    metadata as JSON under METADATA_KEY. sizes.adapter_size counts these very bytes."""
+    ours = {} if metadata is None else {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    return {"format": "pt", **ours}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename (atomic on one file system): an interrupted save never leaves a
     # truncated file under the real name, nor clobbers the previous one.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+        tmp.write_bytes(_safetensors_bytes(tensors, header))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def save_lora_file(path: str | os.PathLike, lora: LoraFile) -> Path:
+def save_lora_weights(
+    path: str | os.PathLike,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    *,
+    adapter: LoraAdapter | None = None,
+) -> Path:
     """Write an adapter in our layout (tensors, and metadata in the header); returns the file's path.
 
-    ``path`` is a directory (the file is then named pytorch_lora_weights.safetensors, as diffusers expects) or
-    a ``*.safetensors`` file name.
+    The adapter is ``adapter`` (read, mixed or extracted), or the LoRA layers of ``unet`` and/or
+    ``text_encoder``. ``path`` is a directory (the file is then named pytorch_lora_weights.safetensors, as
+    diffusers expects) or a ``*.safetensors`` file name.
     """
-    if not lora.tensors:
+    if adapter is None:
+        adapter = LoraAdapter.from_models(unet, text_encoder)
+    elif unet is not None or text_encoder is not None:
+        raise TypeError("pass an adapter, or unet= and/or text_encoder=, not both")
+    if not adapter.tensors:
         raise ValueError("nothing to save: the adapter has no tensors")
-    return _write(_weights_path(path), lora.tensors, {METADATA_KEY: json.dumps(lora.metadata)})
-
-
-def save_lora_weights(
-    path: str | os.PathLike, unet: nn.Module | None = None, text_encoder: nn.Module | None = None
-) -> Path:
-    """Write the LoRA layers of ``unet`` and/or ``text_encoder`` to one file; returns its path.
-
-    ``path`` is a directory (the file is then named pytorch_lora_weights.safetensors, as diffusers expects) or
-    a ``*.safetensors`` file name.
-    """
-    tensors, config = {}, {}
-    for prefix, model in zip(PREFIXES, (unet, text_encoder)):
-        if model is None:
-            continue
-        config |= {f"{prefix}.{key}": value for key, value in lora_config(model).items()}
-        tensors |= lora_state_dict(model, prefix)
-    if not tensors:
-        raise ValueError("nothing to save: pass unet= and/or text_encoder=")
-    return save_lora_file(path, LoraFile(tensors, config))
+    return _write(_weights_path(path), adapter.tensors, file_header(adapter.metadata))
 
 
 def find_lora_file(path: str | os.PathLike) -> Path:
@@ -135,22 +178,57 @@ def find_lora_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_json(text: str, where: str, kind: type = dict):
+    """JSON that must hold a ``kind``; a ValueError names ``where`` (a file, or a file and key) otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise ValueError(  # noqa: TRY004 (bad input, reported as the malformed JSON above is)
+            f"{where}: expected a JSON {kind.__name__}, got {value!r:.80}"
+        )
+    return value
+
+
+def load_pickle(path: Path):
+    """A torch pickle's tensors and plain values (dicts, lists, numbers, strings). A pickle naming anything
+    else is refused unopened: unpickling it would run whatever code the file chooses."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        raise ValueError(
+            f"{path}: refused. This pickle holds more than tensors and plain values"
+            f"{f' (it names {named[1]})' if named else ''}, and loading it would run code the file "
+            "chooses. Ask its author for a .safetensors file; or, only if you trust where it came from, "
+            "convert it once: "
+            f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('{path}', "
+            f"weights_only=False), '{path.with_suffix('.safetensors')}')\""
+        ) from None
+
+
 def _load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """A weights file's tensors and the adapter metadata in its header ({} if none)."""
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
-        return tensors, json.loads(header.get(METADATA_KEY, "{}"))
-    # Anything else is a torch pickle (the blog's pytorch_lora_weights.bin). Unpickling can run any code the
-    # file names; weights_only=True lets through tensors and plain containers only, and refuses the rest.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+        except safetensors.SafetensorError as error:
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({error}); it may be truncated or "
+                "still being written: copy or download it again"
+            ) from None
+        return tensors, read_json(header.get(METADATA_KEY, "{}"), f"{path}, header key {METADATA_KEY!r}")
+    # Anything else is a torch pickle (the blog's pytorch_lora_weights.bin).
+    state = load_pickle(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a LoRA state dict (a dict of tensors)")
     return state, {}
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
+def read_lora(path: str | os.PathLike) -> LoraAdapter:
     """Read an adapter in any layout lora_nb knows (convert.FORMATS) from a file or a directory holding one.
 
     The result is in our layout, with ``format`` saying what the file was. A peft adapter's
@@ -159,27 +237,20 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     path = find_lora_file(path)
     state, metadata = _load_state_dict(path)
     config_file = path.parent / PEFT_CONFIG_NAME
-    config = json.loads(config_file.read_text()) if config_file.is_file() else None
-    lora = replace(LoraFile.from_state_dict(state, metadata, config), path=path)
+    config = read_json(config_file.read_text(), str(config_file)) if config_file.is_file() else None
+    lora = replace(LoraAdapter.from_state_dict(state, metadata, config), path=path)
     logger.info("%s: %s layout, %d LoRA layers", path, lora.format, len(lora.tensors) // 2)
     return lora
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and adapter metadata ({} if none) of a LoRA file, or of a directory holding one; see
-    ``read_lora``, which also says which layout the file had."""
-    lora = read_lora(path)
-    return lora.tensors, lora.metadata
+def export_kohya(source: str | os.PathLike | LoraAdapter, path: str | os.PathLike) -> Path:
+    """Write an adapter (a file in any layout, or a LoraAdapter) as kohya/A1111 keys; returns the file's path.
 
-
-def export_kohya(source: str | os.PathLike | LoraFile, path: str | os.PathLike) -> Path:
-    """Write an adapter (a file in any layout, or a LoraFile) as kohya/A1111 keys; returns the file's path.
-
-    ``path`` as for save_lora_file. Each module's alpha is a tensor in the file, so no header is needed;
+    ``path`` as for save_lora_weights. Each module's alpha is a tensor in the file, so no header is needed;
     ``read_lora`` of the result gives back the same tensors and alphas.
     """
-    lora = source if isinstance(source, LoraFile) else read_lora(source)
-    return _write(_weights_path(path), to_kohya(lora.tensors, lora.metadata), {})
+    lora = source if isinstance(source, LoraAdapter) else read_lora(source)
+    return _write(_weights_path(path), to_kohya(lora.tensors, lora.metadata), file_header(None))
 
 
 def _find_linear(modules: dict[str, nn.Module], path: str) -> tuple[str | None, str]:
@@ -194,59 +265,82 @@ def _find_linear(modules: dict[str, nn.Module], path: str) -> tuple[str | None, 
     return None, f"module {path!r} is not an nn.Linear in {type(modules['']).__name__}"
 
 
-def _plan(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str | None, config: dict
-          ) -> tuple[dict, list[str]]:
-    """Check a state dict against the model without touching it: ({module name: (A, B, alpha)}, problems),
-    a problem being "key: why it cannot be placed"."""
+def _plan(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str | None, config: dict
+) -> tuple[dict, list[str]]:
+    """Check one component's factors (keys without ``prefix``) against the model without touching it:
+    ({module name: (A, B, alpha)}, problems), a problem being "key: why it cannot be placed"."""
     if config.get("use_dora") or config.get("use_rslora") or config.get("lora_bias"):
         raise ValueError("DoRA, rsLoRA and LoRA biases are not supported")
-    factors: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # path -> {"A"/"B": (key, tensor)}
-    problems = []
-    for key, tensor in state_dict.items():
-        short = key.removeprefix(f"{prefix}.") if prefix else key
-        suffix = next((s for s in FACTOR_SUFFIXES if short.endswith(s)), None)
-        if suffix is None:
-            problems.append(
-                f"{key}: not a LoRA factor (expected a key ending in one of {list(FACTOR_SUFFIXES)})"
-            )
-        else:
-            factors.setdefault(short.removesuffix(suffix), {})[FACTOR_SUFFIXES[suffix]] = (key, tensor)
+    full = f"{prefix}.{{}}" if prefix else "{}"  # keys are named in full in the problems
+    pairs, problems = pair_factors(state_dict, FACTOR_SUFFIXES)
+    problems = [full.format(problem) for problem in problems]
     modules = dict(model.named_modules())
     plan = {}
-    for path, ab in factors.items():
-        if len(ab) < 2:
-            (key, _), missing = next(iter(ab.values())), ({"A", "B"} - set(ab)).pop()
-            problems.append(f"{key}: the file has no lora_{missing} for {path}")
-            continue
-        (key_a, a), (key_b, b) = ab["A"], ab["B"]
+    for path, keys in pairs.items():
+        (key_a, a), (key_b, b) = ((full.format(keys[f]), state_dict[keys[f]]) for f in "AB")
         name, problem = _find_linear(modules, path)
         if name is None:
             problems.append(f"{key_a}: {problem}")
             continue
-        base, rank = modules[name], a.shape[0]
-        shapes = ((key_a, a, (rank, base.in_features)), (key_b, b, (base.out_features, rank)))
-        wrong = [f"{key}: {name} needs shape {expected} (from the model), the file has {tuple(tensor.shape)}"
-                 for key, tensor, expected in shapes if tuple(tensor.shape) != expected]
+        wrong = _wrong_factors(modules[name], name, key_a, a, key_b, b)
+        try:
+            alpha = layer_alpha(config, path, a.shape[0] if a.dim() else 0, prefix or "")
+        except (TypeError, ValueError) as error:
+            wrong.append(f"{key_a}: {error} in the adapter metadata")
         problems += wrong
         if not wrong:
-            alpha = _pattern_value(config.get("alpha_pattern", {}), path, config.get("lora_alpha", rank))
             plan[name] = (a, b, alpha)
     return plan, problems
 
 
+def _wrong_factors(
+    base: nn.Linear, name: str, key_a: str, a: torch.Tensor, key_b: str, b: torch.Tensor
+) -> list:
+    """What is wrong with one layer's A and B: shapes that do not fit ``base``, NaN or inf values."""
+    rank = a.shape[0] if a.dim() == 2 else 0
+    if rank < 1:
+        return [
+            f"{key_a}: {name} needs shape (r, {base.in_features}) with r >= 1, the file has {tuple(a.shape)}"
+        ]
+    wrong = []
+    for key, tensor, expected in (
+        (key_a, a, (rank, base.in_features)),
+        (key_b, b, (base.out_features, rank)),
+    ):
+        if tuple(tensor.shape) != expected:
+            wrong.append(
+                f"{key}: {name} needs shape {expected} (from the model), the file has {tuple(tensor.shape)}"
+            )
+        elif not torch.isfinite(tensor).all():
+            wrong.append(
+                f"{key}: holds NaN or inf values, so every image would be NaN; this adapter is broken"
+            )
+    return wrong
+
+
 @torch.no_grad()
-def _apply(model: nn.Module, plan: dict) -> list[str]:
+def _build(model: nn.Module, plan: dict) -> dict[str, LoRALinear]:
+    """The LoRA layers of a checked plan, built (and filled) without changing the model."""
+    layers = {}
     for name, (a, b, alpha) in plan.items():
-        layer = LoRALinear(model.get_submodule(name), rank=a.shape[0], alpha=alpha)
-        layer.lora_A.weight.copy_(a)  # to the factors' fp32, on the base's device
-        layer.lora_B.weight.copy_(b)
+        layers[name] = LoRALinear(model.get_submodule(name), rank=a.shape[0], alpha=alpha)
+        layers[name].lora_A.weight.copy_(a)  # to the factors' fp32, on the base's device
+        layers[name].lora_B.weight.copy_(b)
+    return layers
+
+
+def _swap_in(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
+    for name, layer in layers.items():
         replace_module(model, name, layer)
     freeze_all_but_lora(model)  # as inject_lora leaves it: ready to train on, or to run
-    return list(plan)
+    return list(layers)
 
 
 def load_lora_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str | None = None,
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    prefix: str | None = None,
     config: dict | None = None,
 ) -> list[str]:
     """Add LoRA layers holding ``state_dict``'s factors to ``model``; returns the names wrapped.
@@ -256,38 +350,44 @@ def load_lora_state_dict(
     checked first: on any error (listing every key that cannot be placed) the model is left untouched.
     """
     if prefix:
-        state_dict = {k: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        state_dict = select_component(state_dict, prefix)
     if not state_dict:
         raise ValueError(f"no LoRA weights for prefix {prefix!r}")
     plan, problems = _plan(model, state_dict, prefix, config or {})
     if problems:
         raise cannot_place(problems)
-    return _apply(model, plan)
+    return _swap_in(model, _build(model, plan))
 
 
 def load_lora_weights(
-    path: str | os.PathLike | LoraFile, unet: nn.Module | None = None, text_encoder: nn.Module | None = None
+    path: str | os.PathLike | LoraAdapter,
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
 ) -> dict[str, list[str]]:
-    """Load an adapter (a file in any layout ``read_lora`` knows, a directory holding one, or a LoraFile) into
-    the given models.
+    """Load an adapter (a file in any layout ``read_lora`` knows, a directory holding one, or a LoraAdapter)
+    into the given models.
 
     Returns the wrapped names per component. Both models are checked before either is changed; an error lists
     every key that cannot be placed.
     """
-    lora = path if isinstance(path, LoraFile) else read_lora(path)
+    lora = path if isinstance(path, LoraAdapter) else read_lora(path)
     plans, problems = {}, []
     for prefix, model in zip(PREFIXES, (unet, text_encoder)):
         if model is None:
             continue
-        state = {k: v for k, v in lora.tensors.items() if k.startswith(f"{prefix}.")}
+        state = select_component(lora.tensors, prefix)
         if not state:
-            raise ValueError(f"{lora.path or 'the adapter'} holds no {prefix} LoRA weights "
-                             f"(no keys starting with {prefix + '.'!r})")
-        plan, wrong = _plan(model, state, prefix, component_config(lora.metadata, prefix))
+            raise ValueError(
+                f"{lora.path or 'the adapter'} holds no {prefix} LoRA weights "
+                f"(no keys starting with {prefix + '.'!r})"
+            )
+        plan, wrong = _plan(model, state, prefix, select_component(lora.metadata, prefix))
         plans[prefix] = (model, plan)
         problems += wrong
     if not plans:
         raise ValueError("nothing to load into: pass unet= and/or text_encoder=")
     if problems:
         raise cannot_place(problems)
-    return {prefix: _apply(model, plan) for prefix, (model, plan) in plans.items()}
+    # Every layer of both models is built before either model changes.
+    built = {prefix: (model, _build(model, plan)) for prefix, (model, plan) in plans.items()}
+    return {prefix: _swap_in(model, layers) for prefix, (model, layers) in built.items()}

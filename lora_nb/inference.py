@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from .convert import select_component
 from .formats import WEIGHT_NAME, find_lora_file, load_lora_weights, read_lora
 from .inject import fuse_lora, lora_layers, remove_lora, set_lora_scale, unfuse_lora
+from .layers import finite_number
 from .textual_inversion import EMBEDDING_NAME, read_learned_embedding
 
 
@@ -100,11 +102,28 @@ class PipelineLoRA:
             self.token = None
 
 
-def load_base_pipeline(base_model: str | Path, dtype: torch.dtype | None = None,
-                       device: str | torch.device | None = None, fast_scheduler: bool = True
-                       ) -> StableDiffusionPipeline:
-    """A Stable Diffusion pipeline (a local folder or a hub id), switched to DPM-Solver++ for 25-step sampling."""
-    pipe = StableDiffusionPipeline.from_pretrained(base_model, dtype=dtype)
+def missing_base_model(name: str, path: str | Path, error: OSError) -> FileNotFoundError:
+    """The error for a base model that cannot be read: ``name`` is what the user set (a flag, an argument)."""
+    if Path(path).is_dir():
+        why = "that folder holds no diffusers Stable Diffusion model (no unet/config.json)"
+        fix = "give the folder a pipeline's save_pretrained() wrote (model_index.json, unet/, vae/, ...)"
+    else:
+        why = f"no such folder, nor a hub model that could be read ({str(error).splitlines()[0]})"
+        fix = "check the path, or the hub id and the network (offline: `hf download` it first)"
+    return FileNotFoundError(f"{name} {path}: {why}; {fix}")
+
+
+def load_base_pipeline(
+    base_model: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    fast_scheduler: bool = True,
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline (a local folder or a hub id), switched to DPM-Solver++ for 25 steps."""
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(base_model, dtype=dtype)
+    except OSError as error:
+        raise missing_base_model("base model", base_model, error) from None
     if fast_scheduler:
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if device is not None:
@@ -126,18 +145,21 @@ def load_lora_pipeline(
     `path` is an adapter folder, a weights file, or a hub repo id. The returned pipeline carries
     `pipe.lora` (a PipelineLoRA) for scale, fuse, unfuse and remove.
     """
+    scale = finite_number(scale, "scale")  # checked before anything loads
     adapter_file = _adapter_file(path)
     repo_id = None if Path(path).exists() else str(path)
     if not base_model:
         base_model = base_model_from_card(adapter_file, repo_id)
         if not base_model:
-            raise ValueError(f"no base_model for adapter {path}: its model card names none; pass base_model=...")
+            raise ValueError(
+                f"no base_model for adapter {path}: its model card names none; pass base_model=..."
+            )
         beside = adapter_file.parent / base_model
-        if not Path(base_model).is_absolute() and beside.exists():  # a local base, named relative to the adapter
+        if not Path(base_model).is_absolute() and beside.exists():  # a local base, relative to the adapter
             base_model = str(beside.resolve())
     lora = read_lora(adapter_file)  # read (and check) the file once, before the possibly large base loads
     pipe = load_base_pipeline(base_model, dtype, device, fast_scheduler)
-    has_text = any(k.startswith("text_encoder.") for k in lora.tensors)
+    has_text = bool(select_component(lora.tensors, "text_encoder"))
     load_lora_weights(lora, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
     token = None
     if (adapter_file.parent / EMBEDDING_NAME).is_file():  # pivotal tuning saves its new word beside the LoRA

@@ -9,16 +9,24 @@ import re
 
 from torch import nn
 
-from .layers import LoRALinear
-
-# diffusers' default in examples/text_to_image/train_text_to_image_lora.py: self- and cross-attention.
-UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-# Cross-attention only (attn2): the layers that read the text embedding.
-UNET_CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
-UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
-TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# The target modules, re-exported: they are defined beside the trainer's flags, which load without torch.
+from .config import (  # noqa: F401
+    TEXT_ENCODER_ATTENTION,
+    UNET_ATTENTION,
+    UNET_CROSS_ATTENTION,
+    UNET_FEED_FORWARD,
+)
+from .layers import LoRALinear, finite_number
 
 Targets = str | list[str]
+# The named target sets, for sizes and sweeps: {name: (UNet target modules, whether every text encoder's
+# attention gets LoRA too)}.
+TARGET_SETS: dict[str, tuple[Targets, bool]] = {
+    "cross-attention": (UNET_CROSS_ATTENTION, False),  # attn2 only: the layers that read the prompt
+    "attention": (UNET_ATTENTION, False),  # attn1 + attn2: diffusers' default, the blog's
+    "attention+ff": (UNET_ATTENTION + UNET_FEED_FORWARD, False),  # + each transformer block's MLP
+    "attention+text encoder": (UNET_ATTENTION, True),  # + q/k/v/out of every CLIP layer
+}
 
 
 def matches(name: str, targets: Targets) -> bool:
@@ -99,7 +107,7 @@ def freeze_all_but_lora(model: nn.Module) -> None:
 
 
 def remove_lora(model: nn.Module) -> list[str]:
-    """Put the original nn.Linear layers back (unmerging first); returns their names. Parameters stay frozen."""
+    """Put the original nn.Linear layers back (unmerging first); returns their names. All stay frozen."""
     layers = lora_layers(model)
     for name, layer in layers.items():
         if layer.merged:
@@ -120,8 +128,9 @@ def set_lora_scale(model: nn.Module, scale: float) -> None:
     layers = _require_lora(model)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("LoRA is merged, so a new scale would have no effect; unmerge_lora() first")
+    scale = finite_number(scale, "scale")  # a NaN scale would make every image NaN
     for layer in layers.values():
-        layer.scale = float(scale)
+        layer.scale = scale
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -163,7 +172,7 @@ def unfuse_lora(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA factors, as a list: a generator would be used up by the optimizer, leaving e.g. clipping nothing."""
+    """The LoRA factors, as a list: a generator would be used up by the optimizer, leaving clipping nothing."""
     return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
 

@@ -1,9 +1,20 @@
-"""A LoRA layer: a frozen nn.Linear plus a trainable low-rank update, y = W x + scale * (alpha / r) * B A x."""
+"""A LoRA layer: a frozen nn.Linear plus a trainable low-rank update, y = W x + scale * (alpha/r) * B A x."""
 
 import math
 
 import torch
 from torch import nn
+
+
+def finite_number(value, name: str) -> float:
+    """``value`` as a float; a ValueError naming ``name`` if it is not a finite number (a string is not)."""
+    try:
+        number = None if isinstance(value, (str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 class LoRALinear(nn.Module):
@@ -16,7 +27,12 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0, init: str = "kaiming"
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        init: str = "kaiming",
     ):
         super().__init__()
         if rank < 1:
@@ -25,7 +41,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         self.base = base.requires_grad_(False)
         self.rank = rank
-        self.alpha = float(rank if alpha is None else alpha)
+        self.alpha = finite_number(rank if alpha is None else alpha, "alpha")
         self.scaling = self.alpha / rank
         self.scale = 1.0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -54,7 +70,7 @@ class LoRALinear(nn.Module):
         return y + (self.scale * self.scaling * delta).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update this layer adds to ``base.weight``: scale * alpha/r * B @ A, shape (d_out, d_in), fp32."""
+        """The update this layer adds to ``base.weight``: scale * alpha/r * B @ A, (d_out, d_in), fp32."""
         return self.scale * self.scaling * (self.lora_B.weight @ self.lora_A.weight)
 
     @torch.no_grad()

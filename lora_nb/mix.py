@@ -10,7 +10,7 @@ no approximation, loaded unmerged like any adapter, written to one file. It cost
 cuts it to a fixed rank by SVD (lora_nb.extract.resize_lora), which is then an approximation.
 
     mix = mix_loras(["style", "subject"], [0.8, 0.5])
-    load_lora_weights(mix, unet=pipe.unet)          # or save_lora_file("mixed", mix)
+    load_lora_weights(mix, unet=pipe.unet)          # or save_lora_weights("mixed", adapter=mix)
     remove_lora(pipe.unet); load_lora_weights(mix_loras(["style", "subject"], [0.3, 1.0]), unet=pipe.unet)
 """
 
@@ -21,14 +21,14 @@ import torch
 
 from .convert import metadata_for, split_layers
 from .extract import resize_lora
-from .formats import LoraFile, read_lora
+from .formats import LoraAdapter, read_lora
 
 
 @torch.no_grad()
 def mix_loras(
-    adapters: Sequence[str | os.PathLike | LoraFile], weights: Sequence[float], rank: int | None = None
-) -> LoraFile:
-    """The adapter whose every layer adds sum_i weights[i] * ΔW_i (files in any layout, or LoraFiles).
+    adapters: Sequence[str | os.PathLike | LoraAdapter], weights: Sequence[float], rank: int | None = None
+) -> LoraAdapter:
+    """The adapter whose every layer adds sum_i weights[i] * ΔW_i (files in any layout, or LoraAdapters).
 
     Layers in several adapters get their factors stacked (alpha = the summed rank, scaling 1); a layer in
     one adapter keeps its rank and alpha, B times its weight. An adapter of weight 0 adds exactly nothing, so
@@ -41,23 +41,25 @@ def mix_loras(
     for adapter, weight in zip(adapters, weights):
         if weight == 0:
             continue
-        lora = adapter if isinstance(adapter, LoraFile) else read_lora(adapter)
+        lora = adapter if isinstance(adapter, LoraAdapter) else read_lora(adapter)
         for stem, (a, b, alpha) in split_layers(lora.tensors, lora.metadata).items():
             terms.setdefault(stem, []).append((a.float(), b.float(), alpha, weight))
     if not terms:
         raise ValueError("nothing to mix: every weight is 0")
     tensors, layers = {}, {}
-    for stem, parts in terms.items():
-        if len(parts) == 1:
-            a, b, alpha, weight = parts[0]
+    for stem, layer_terms in terms.items():
+        if len(layer_terms) == 1:
+            a, b, alpha, weight = layer_terms[0]
             b = weight * b
         else:
-            shapes = {(a.shape[1], b.shape[0]) for a, b, _, _ in parts}
+            shapes = {(a.shape[1], b.shape[0]) for a, b, _, _ in layer_terms}
             if len(shapes) > 1:
                 raise ValueError(f"{stem}: the adapters disagree on its (d_in, d_out): {sorted(shapes)}")
-            a = torch.cat([a for a, _, _, _ in parts])  # A: (r1 + r2 + ..., d_in)
+            a = torch.cat([a for a, _, _, _ in layer_terms])  # A: (r1 + r2 + ..., d_in)
             # B: (d_out, r1 + r2 + ...), each block times its weight and scaling alpha_i / r_i
-            b = torch.cat([weight * alpha / a_i.shape[0] * b_i for a_i, b_i, alpha, weight in parts], dim=1)
+            b = torch.cat(
+                [weight * alpha / a_i.shape[0] * b_i for a_i, b_i, alpha, weight in layer_terms], dim=1
+            )
             alpha = float(a.shape[0])
         tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a, b
         layers[stem] = (a.shape[0], alpha)
@@ -65,4 +67,4 @@ def mix_loras(
     if rank is not None:
         tensors, _ = resize_lora(tensors, rank, metadata)
         metadata = metadata_for({stem: (rank, float(rank)) for stem in layers})
-    return LoraFile(tensors, metadata)
+    return LoraAdapter(tensors, metadata)

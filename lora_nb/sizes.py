@@ -22,15 +22,9 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import tiny
-from .formats import METADATA_KEY
-from .inject import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
-    UNET_CROSS_ATTENTION,
-    UNET_FEED_FORWARD,
-    Targets,
-    find_targets,
-)
+from .convert import metadata_for
+from .formats import file_header
+from .inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, find_targets
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -43,12 +37,6 @@ MODELS = {
     "sd15": ("unet", "text_encoder"),
     "sd21": ("unet", "text_encoder"),
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
-}
-# Named UNet target sets. With text_encoder=True every text encoder also gets TEXT_ENCODER_ATTENTION.
-TARGETS: dict[str, Targets] = {
-    "attention": UNET_ATTENTION,  # attn1 and attn2: diffusers' default, the blog's setting
-    "cross-attention": UNET_CROSS_ATTENTION,  # attn2 only
-    "attention+ff": UNET_ATTENTION + UNET_FEED_FORWARD,
 }
 _TEXT_ENCODER_CLASSES = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
 
@@ -129,28 +117,22 @@ def adapter_size(
 
     E.g. ``adapter_size({"unet": (pipe.unet, UNET_ATTENTION)}, rank=4)``. The file size is exact for the file
     ``formats.save_lora_weights`` writes: tensors at ``dtype`` (lora_nb itself saves fp32), and the header
-    with its peft-config metadata. Nothing is changed or allocated.
+    with its peft-config metadata, made by the same functions the writer uses. Nothing is changed or
+    allocated.
     """
     if dtype not in BYTES:
         raise ValueError(f"dtype must be one of {list(BYTES)}, got {dtype!r}")
-    shapes, config, base_params = {}, {}, 0
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    shapes, layers, base_params = {}, {}, 0
     for prefix, (model, target_modules) in parts.items():
-        layers = lora_shapes(model, target_modules)
-        for name, (d_out, d_in) in layers.items():
+        for name, (d_out, d_in) in lora_shapes(model, target_modules).items():
             shapes[f"{prefix}.{name}.lora_A.weight"] = (rank, d_in)  # A: (r, d_in)
             shapes[f"{prefix}.{name}.lora_B.weight"] = (d_out, rank)  # B: (d_out, r)
-        # What formats.lora_config records for one rank and alpha (LoRALinear keeps alpha as a float).
-        lora_config = {
-            "r": rank,
-            "lora_alpha": float(rank if alpha is None else alpha),
-            "target_modules": sorted(layers),
-            "rank_pattern": {},
-            "alpha_pattern": {},
-        }
-        config |= {f"{prefix}.{key}": value for key, value in lora_config.items()}
+            layers[f"{prefix}.{name}"] = (rank, float(rank if alpha is None else alpha))  # LoRALinear's float
         base_params += sum(p.numel() for p in model.parameters())
     lora_params = sum(math.prod(shape) for shape in shapes.values())
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}
+    metadata = file_header(metadata_for(layers))
     return AdapterSize(
         layers=len(shapes) // 2,
         lora_params=lora_params,
@@ -169,18 +151,20 @@ def size_table(
 ) -> list[dict]:
     """One row per model x targets x rank x dtype, for a table. MB = 10^6 bytes, as the hub counts them.
 
-    The base is the UNet (plus the text encoders with ``text_encoder=True``) stored at the same dtype.
+    The base is the UNet (plus the text encoders, when ``text_encoder=True`` or the target set trains them)
+    stored at the same dtype.
     """
     rows = []
     for name in models:
-        parts = {"unet": build_meta(name, "unet")}
-        if text_encoder:
-            parts |= {part: build_meta(name, part) for part in MODELS[name] if part != "unet"}
+        unet = build_meta(name, "unet")
+        with_text = {target: text_encoder or TARGET_SETS[target][1] for target in targets}
+        text_encoders = {}
+        if any(with_text.values()):
+            text_encoders = {part: build_meta(name, part) for part in MODELS[name] if part != "unet"}
         for target_name in targets:
-            chosen = {
-                part: (model, TARGETS[target_name] if part == "unet" else TEXT_ENCODER_ATTENTION)
-                for part, model in parts.items()
-            }
+            chosen = {"unet": (unet, TARGET_SETS[target_name][0])}
+            if with_text[target_name]:
+                chosen |= {part: (model, TEXT_ENCODER_ATTENTION) for part, model in text_encoders.items()}
             for rank in ranks:
                 for dtype in dtypes:
                     size = adapter_size(chosen, rank, dtype)
@@ -215,13 +199,15 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["sd15"], choices=list(MODELS))
-    parser.add_argument("--targets", nargs="+", default=["attention"], choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=["attention"], choices=list(TARGET_SETS))
     parser.add_argument("--ranks", nargs="+", type=int, default=[4])
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(BYTES))
     parser.add_argument(
         "--text-encoder", action="store_true", help="also LoRA on the text encoders' attention"
     )
     args = parser.parse_args(argv)
+    if any(rank < 1 for rank in args.ranks):
+        parser.error(f"--ranks {' '.join(map(str, args.ranks))}: a LoRA rank is a positive integer")
     print(markdown_table(size_table(args.models, args.targets, args.ranks, args.dtype, args.text_encoder)))
 
 

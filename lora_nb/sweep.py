@@ -26,30 +26,15 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageTransform, load_captioned_dataset
+from .config import TrainConfig
+from .data import CaptionedImages, ImageTransform, load_captioned_dataset
 from .evaluate import HeldOut
 from .formats import load_lora_weights
 from .inference import load_base_pipeline
-from .inject import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
-    UNET_CROSS_ATTENTION,
-    UNET_FEED_FORWARD,
-    Targets,
-    count_parameters,
-    find_targets,
-    remove_lora,
-)
+from .inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, count_parameters, find_targets, remove_lora
 from .sizes import adapter_size
-from .train import CaptionedImages, TrainConfig, train, training_resolution
+from .train import train, training_resolution
 
-# name: (UNet target modules, whether the text encoder's attention gets LoRA too)
-TARGET_SETS: dict[str, tuple[Targets, bool]] = {
-    "cross-attention": (UNET_CROSS_ATTENTION, False),  # attn2 only: the layers that read the prompt
-    "attention": (UNET_ATTENTION, False),  # attn1 + attn2: diffusers' default, the blog's
-    "attention+ff": (UNET_ATTENTION + UNET_FEED_FORWARD, False),  # + each transformer block's MLP
-    "attention+text encoder": (UNET_ATTENTION, True),  # + q/k/v/out of every CLIP layer
-}
 BASE = "base model"
 
 
@@ -72,7 +57,9 @@ def meta_parts(base_model: str | Path, target_set: str) -> dict[str, tuple[torch
 
     targets, text = TARGET_SETS[target_set]
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base_model, subfolder="unet"))
+        unet = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(base_model, subfolder="unet")
+        )
         parts = {"unet": (unet, targets)}
         if text:
             config = CLIPTextConfig.from_pretrained(base_model, subfolder="text_encoder")
@@ -98,9 +85,9 @@ class SharedCache(CaptionedImages):
         super().__init__(*args, **kwargs)
         self._kept_latents = self._kept_text = None
 
-    def cache(self, parts, latents: bool, text: bool, device, batch_size: int = 32) -> None:
+    def cache(self, components, latents: bool, text: bool, device, batch_size: int = 32) -> None:
         need_latents, need_text = latents and self._kept_latents is None, text and self._kept_text is None
-        super().cache(parts, latents=need_latents, text=need_text, device=device, batch_size=batch_size)
+        super().cache(components, latents=need_latents, text=need_text, device=device, batch_size=batch_size)
         if need_latents:
             self._kept_latents = self.latents
         if need_text:
@@ -159,7 +146,9 @@ def run_sweep(
 
     data = load_captioned_dataset(dataset, image_column, caption_column)
     if not 0 < heldout < len(data):
-        raise ValueError(f"heldout={heldout}: keep at least one example out, and one to train on ({len(data)})")
+        raise ValueError(
+            f"heldout={heldout}: keep at least one example out, and one to train on ({len(data)})"
+        )
     train_size = len(data) - heldout
     if max_train_samples:
         train_size = min(train_size, max_train_samples)
@@ -168,9 +157,19 @@ def run_sweep(
     held_images, held_captions = held[image_column], held[caption_column]
 
     def config(**overrides) -> TrainConfig:
-        return TrainConfig(**{"pretrained_model_name_or_path": str(base_model), "train_batch_size": train_batch_size,
-                              "max_train_steps": max_train_steps, "learning_rate": learning_rate, "seed": seed,
-                              "checkpointing_steps": 0, "show_progress": False, **train_settings, **overrides})
+        return TrainConfig(
+            **{
+                "pretrained_model_name_or_path": str(base_model),
+                "train_batch_size": train_batch_size,
+                "max_train_steps": max_train_steps,
+                "learning_rate": learning_rate,
+                "seed": seed,
+                "checkpointing_steps": 0,
+                "show_progress": False,
+                **train_settings,
+                **overrides,
+            }
+        )
 
     settings = config()
     transform = ImageTransform(training_resolution(settings), settings.center_crop, settings.random_flip)
@@ -181,21 +180,42 @@ def run_sweep(
 
     def measure() -> tuple[float, object]:
         loss = held_out.loss(pipe)
-        image = pipe(prompt, num_inference_steps=num_inference_steps,
-                     generator=torch.Generator().manual_seed(seed)).images[0]
+        image = pipe(
+            prompt, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed)
+        ).images[0]
         return loss, image
 
     def report(row: dict) -> dict:
         if verbose:
             size = f"{row['fp16_bytes'] / 1e3:10,.1f} kB fp16" if row["params"] else " " * 18
-            print(f"{run_label(row):>34}: {row['params']:>11,} params {size}   held-out loss "
-                  f"{row['heldout_loss']:.4f}   ({row['seconds']:.1f} s)", flush=True)
+            print(
+                f"{run_label(row):>34}: {row['params']:>11,} params {size}   held-out loss "
+                f"{row['heldout_loss']:.4f}   ({row['seconds']:.1f} s)",
+                flush=True,
+            )
         return row
 
     loss, image = measure()
-    rows = [report({"targets": BASE, "method": "base", "rank": None, "layers": 0, "params": 0, "fp32_bytes": 0,
-                    "fp16_bytes": 0, "file_bytes": None, "heldout_loss": loss, "train_loss": None, "losses": [],
-                    "seconds": 0.0, "image": image, "path": None})]
+    rows = [
+        report(
+            {
+                "targets": BASE,
+                "method": "base",
+                "rank": None,
+                "layers": 0,
+                "params": 0,
+                "fp32_bytes": 0,
+                "fp16_bytes": 0,
+                "file_bytes": None,
+                "heldout_loss": loss,
+                "train_loss": None,
+                "losses": [],
+                "seconds": 0.0,
+                "image": image,
+                "path": None,
+            }
+        )
+    ]
 
     for name, target_ranks in ranks.items():
         targets, text = TARGET_SETS[name]
@@ -206,8 +226,15 @@ def run_sweep(
             # Sizes first: the arithmetic needs the base model without LoRA layers in it.
             fp32, fp16 = (adapter_size(parts, rank, dtype=d) for d in ("fp32", "fp16"))
             start = time.time()
-            result = train(config(target_modules=targets, train_text_encoder=text, rank=rank,
-                                  output_dir=str(output_dir / f"{_slug(name)}-r{rank}")), dataset=examples)
+            result = train(
+                config(
+                    target_modules=targets,
+                    train_text_encoder=text,
+                    rank=rank,
+                    output_dir=str(output_dir / f"{_slug(name)}-r{rank}"),
+                ),
+                dataset=examples,
+            )
             seconds = time.time() - start
             params = count_parameters(result.unet)[0] + count_parameters(result.text_encoder)[0]
             path, losses = result.lora_path, result.losses
@@ -220,27 +247,54 @@ def run_sweep(
             finally:
                 remove_lora(pipe.unet)
                 remove_lora(pipe.text_encoder)
-            rows.append(report({
-                "targets": name, "method": "lora", "rank": rank, "layers": fp32.layers, "params": params,
-                "fp32_bytes": fp32.file_bytes, "fp16_bytes": fp16.file_bytes, "file_bytes": path.stat().st_size,
-                "heldout_loss": loss, "train_loss": _tail_mean(losses), "losses": losses, "seconds": seconds,
-                "image": image, "path": path,
-            }))
+            rows.append(
+                report(
+                    {
+                        "targets": name,
+                        "method": "lora",
+                        "rank": rank,
+                        "layers": fp32.layers,
+                        "params": params,
+                        "fp32_bytes": fp32.file_bytes,
+                        "fp16_bytes": fp16.file_bytes,
+                        "file_bytes": path.stat().st_size,
+                        "heldout_loss": loss,
+                        "train_loss": _tail_mean(losses),
+                        "losses": losses,
+                        "seconds": seconds,
+                        "image": image,
+                        "path": path,
+                    }
+                )
+            )
 
     if full_finetune:
-        rows.append(report(_full_reference(pipe, config, full_finetune, full_learning_rate, output_dir, measure,
-                                           examples, device)))
+        rows.append(
+            report(
+                _full_reference(
+                    pipe, config, full_finetune, full_learning_rate, output_dir, measure, examples, device
+                )
+            )
+        )
     return rows
 
 
-def _full_reference(pipe, config, target_set: str, lr: float, output_dir: Path, measure, examples,
-                    device) -> dict:
+def _full_reference(
+    pipe, config, target_set: str, lr: float, output_dir: Path, measure, examples, device
+) -> dict:
     """Train the target layers' own weights; measure them copied into the base pipeline, then put it back."""
     targets, _ = TARGET_SETS[target_set]
     layers = len(find_targets(pipe.unet, targets))
     start = time.time()
-    result = train(config(finetune="full", target_modules=targets, learning_rate=lr,
-                          output_dir=str(output_dir / f"{_slug(target_set)}-full")), dataset=examples)
+    result = train(
+        config(
+            finetune="full",
+            target_modules=targets,
+            learning_rate=lr,
+            output_dir=str(output_dir / f"{_slug(target_set)}-full"),
+        ),
+        dataset=examples,
+    )
     seconds = time.time() - start
     changed = {name: p.detach() for name, p in result.unet.named_parameters() if p.requires_grad}
     params = sum(p.numel() for p in changed.values())
@@ -248,7 +302,7 @@ def _full_reference(pipe, config, target_set: str, lr: float, output_dir: Path, 
     with torch.no_grad():
         for name, p in changed.items():
             pipe.unet.get_parameter(name).copy_(p)
-    losses, path = result.losses, result.lora_path
+    losses, path = result.losses, result.unet_path
     del result, changed
     _free(device)
     try:
@@ -257,15 +311,27 @@ def _full_reference(pipe, config, target_set: str, lr: float, output_dir: Path, 
         with torch.no_grad():
             for name, p in originals.items():
                 pipe.unet.get_parameter(name).copy_(p)
-    return {"targets": full_label(target_set), "method": "full", "rank": None, "layers": layers,
-            "params": params, "fp32_bytes": 4 * params, "fp16_bytes": 2 * params, "file_bytes": None,
-            "heldout_loss": loss, "train_loss": _tail_mean(losses), "losses": losses, "seconds": seconds,
-            "image": image, "path": path}
+    return {
+        "targets": full_label(target_set),
+        "method": "full",
+        "rank": None,
+        "layers": layers,
+        "params": params,
+        "fp32_bytes": 4 * params,
+        "fp16_bytes": 2 * params,
+        "file_bytes": None,
+        "heldout_loss": loss,
+        "train_loss": _tail_mean(losses),
+        "losses": losses,
+        "seconds": seconds,
+        "image": image,
+        "path": path,
+    }
 
 
 def _tail_mean(losses: Sequence[float]) -> float | None:
     """Mean training loss over the last quarter of the steps (a single step's loss is too noisy)."""
-    tail = list(losses)[-max(1, len(losses) // 4):]
+    tail = list(losses)[-max(1, len(losses) // 4) :]
     return sum(tail) / len(tail) if tail else None
 
 
@@ -280,12 +346,17 @@ def format_bytes(n: float) -> str:
 def sweep_table(rows: Sequence[Mapping]) -> str:
     """The sweep as a Markdown table, one line per run, with the held-out loss's change from the base model."""
     base = next((r["heldout_loss"] for r in rows if r["method"] == "base"), None)
-    lines = ["| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|"]
+    lines = [
+        "| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         change = f"{r['heldout_loss'] / base - 1:+.1%}" if base and r["method"] != "base" else ""
-        sizes = (f"{format_bytes(r['fp32_bytes'])} | {format_bytes(r['fp16_bytes'])}" if r["params"]
-                 else "– | –")
-        lines.append(f"| {r['targets']} | {r['rank'] or '–'} "
-                     f"| {r['layers']} | {r['params']:,} | {sizes} | {r['heldout_loss']:.4f} | {change} |")
+        sizes = (
+            f"{format_bytes(r['fp32_bytes'])} | {format_bytes(r['fp16_bytes'])}" if r["params"] else "– | –"
+        )
+        lines.append(
+            f"| {r['targets']} | {r['rank'] or '–'} "
+            f"| {r['layers']} | {r['params']:,} | {sizes} | {r['heldout_loss']:.4f} | {change} |"
+        )
     return "\n".join(lines)

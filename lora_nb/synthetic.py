@@ -31,7 +31,13 @@ COLOURS = {
 BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": 0.17, "medium": 0.27, "large": 0.4}  # radius as a fraction of the image side
-POSITIONS = {"center": (0.0, 0.0), "left": (-0.2, 0.0), "right": (0.2, 0.0), "top": (0.0, -0.2), "bottom": (0.0, 0.2)}
+POSITIONS = {
+    "center": (0.0, 0.0),
+    "left": (-0.2, 0.0),
+    "right": (0.2, 0.0),
+    "top": (0.0, -0.2),
+    "bottom": (0.0, 0.2),
+}
 
 # The creatures' style: pastel paper, thick dark outlines, eyes. The shapes world has none of it.
 PASTELS = {"pink": (250, 215, 225), "cream": (250, 240, 205), "mint": (210, 245, 225), "sky": (210, 230, 250)}
@@ -41,7 +47,23 @@ OUTLINE = (30, 25, 35)
 SUBJECT_CLASS = "star"
 SUBJECT_BODY, SUBJECT_DOT = (245, 135, 30), (140, 60, 190)
 
-EXTRA_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "drawing", "cartoon", "image", "toy", "big"]
+EXTRA_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "photo",
+    "picture",
+    "drawing",
+    "cartoon",
+    "image",
+    "toy",
+    "big",
+]
 
 
 @dataclass
@@ -68,14 +90,25 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     else:
         raise ValueError(f"not a polygon shape: {shape!r}")
     return [
-        (cx + radius[i] * math.cos(angle + 2 * math.pi * i / corners),
-         cy + radius[i] * math.sin(angle + 2 * math.pi * i / corners))
+        (
+            cx + radius[i] * math.cos(angle + 2 * math.pi * i / corners),
+            cy + radius[i] * math.sin(angle + 2 * math.pi * i / corners),
+        )
         for i in range(corners)
     ]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, angle=0.0,
-                outline=None, width=0) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill,
+    angle=0.0,
+    outline=None,
+    width=0,
+) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
     else:
@@ -143,24 +176,44 @@ def draw_creature_sample(seed: int) -> Sample:
     for sign in (-1, 1):
         ex = cx + sign * rx * 0.6
         if ears == "pointy ears":
-            draw.polygon([(ex - sign * rx * 0.35, cy - ry * 0.5), (ex + sign * rx * 0.25, cy - ry * 1.6),
-                          (ex + sign * rx * 0.35, cy - ry * 0.4)], fill=fill, outline=OUTLINE, width=int(width))
+            draw.polygon(
+                [
+                    (ex - sign * rx * 0.35, cy - ry * 0.5),
+                    (ex + sign * rx * 0.25, cy - ry * 1.6),
+                    (ex + sign * rx * 0.35, cy - ry * 0.4),
+                ],
+                fill=fill,
+                outline=OUTLINE,
+                width=int(width),
+            )
         elif ears == "round ears":
             er = rx * 0.35
-            draw.ellipse([ex - er, cy - ry - er * 0.8, ex + er, cy - ry + er * 1.2], fill=fill,
-                         outline=OUTLINE, width=int(width))
+            draw.ellipse(
+                [ex - er, cy - ry - er * 0.8, ex + er, cy - ry + er * 1.2],
+                fill=fill,
+                outline=OUTLINE,
+                width=int(width),
+            )
         else:
             tip = (ex + sign * rx * 0.3, cy - ry * 1.7)
             draw.line([(ex, cy - ry * 0.6), tip], fill=OUTLINE, width=int(width))
-            draw.ellipse([tip[0] - width * 1.5, tip[1] - width * 1.5, tip[0] + width * 1.5,
-                          tip[1] + width * 1.5], fill=_jitter(COLOURS[eyes], rng))
+            draw.ellipse(
+                [tip[0] - width * 1.5, tip[1] - width * 1.5, tip[0] + width * 1.5, tip[1] + width * 1.5],
+                fill=_jitter(COLOURS[eyes], rng),
+            )
     draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=OUTLINE, width=int(width))
     eye_r = rx * rng.uniform(0.22, 0.3)
     for sign in (-1, 1):
         ex, ey = cx + sign * rx * 0.42, cy - ry * 0.15
-        draw.ellipse([ex - eye_r, ey - eye_r, ex + eye_r, ey + eye_r], fill=_jitter(COLOURS[eyes], rng),
-                     outline=OUTLINE, width=int(width))
-        draw.ellipse([ex - eye_r * 0.35, ey - eye_r * 0.35, ex + eye_r * 0.35, ey + eye_r * 0.35], fill=OUTLINE)
+        draw.ellipse(
+            [ex - eye_r, ey - eye_r, ex + eye_r, ey + eye_r],
+            fill=_jitter(COLOURS[eyes], rng),
+            outline=OUTLINE,
+            width=int(width),
+        )
+        draw.ellipse(
+            [ex - eye_r * 0.35, ey - eye_r * 0.35, ex + eye_r * 0.35, ey + eye_r * 0.35], fill=OUTLINE
+        )
     attributes = {"body": body, "eyes": eyes, "ears": ears, "paper": paper}
     caption = f"a drawing of a {body} creature with {eyes} eyes and {ears}"
     return Sample(_finish(image), caption, attributes)

@@ -20,12 +20,19 @@ EMBEDDING_NAME = "learned_embeds.safetensors"  # the file name diffusers' textua
 def check_new_token(tokenizer: CLIPTokenizer, token: str) -> None:
     """A placeholder must be new: not in the vocabulary, and not a word the tokenizer already has ("star")."""
     if token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1:
-        raise ValueError(f"placeholder token {token!r} already exists in the tokenizer's vocabulary; "
-                         "choose a new one, e.g. '<my-subject>'")
+        raise ValueError(
+            f"placeholder token {token!r} already exists in the tokenizer's vocabulary; "
+            "choose a new one, e.g. '<my-subject>'"
+        )
 
 
-def add_placeholder_token(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token: str,
-                          initializer_token: str | None = None, embedding: torch.Tensor | None = None) -> int:
+def add_placeholder_token(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    token: str,
+    initializer_token: str | None = None,
+    embedding: torch.Tensor | None = None,
+) -> int:
     """Add `token` to the vocabulary with a new embedding row; returns its id.
 
     The row starts as `embedding` if given, else as the embedding of `initializer_token` (a word that
@@ -65,8 +72,9 @@ def train_only_rows(embeddings: torch.nn.Embedding, rows: list[int]):
     return restore_other_rows
 
 
-def save_learned_embedding(folder: str | Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
-                           token: str) -> Path:
+def save_learned_embedding(
+    folder: str | Path, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, token: str
+) -> Path:
     path = Path(folder) / EMBEDDING_NAME
     token_id = tokenizer.convert_tokens_to_ids(token)
     vector = text_encoder.get_input_embeddings().weight[token_id].detach().float().cpu().clone()
@@ -89,8 +97,9 @@ def read_learned_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
     return next(iter(tensors.items()))
 
 
-def nearest_words(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vector: torch.Tensor,
-                  k: int = 5) -> list[tuple[str, float]]:
+def nearest_words(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, vector: torch.Tensor, k: int = 5
+) -> list[tuple[str, float]]:
     """The k vocabulary words whose input embeddings point most nearly the way `vector` does (cosine)."""
     table = text_encoder.get_input_embeddings().weight.detach().float()  # (vocab, width)
     similarity = torch.nn.functional.cosine_similarity(table, vector.float()[None], dim=-1)

@@ -1,7 +1,9 @@
 """Text-to-image LoRA fine-tuning of Stable Diffusion, on accelerate: the blog's recipe, read top to bottom.
 
-    python -m lora_nb.train --train_data_dir data/creatures --max_train_steps 200 --output_dir out
-    accelerate launch -m lora_nb.train --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+    python -m lora_nb.train --pretrained_model_name_or_path data/tiny-sd --train_data_dir data/creatures \\
+        --max_train_steps 200 --output_dir out
+    accelerate launch -m lora_nb.train \\
+        --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --dataset_name lambdalabs/naruto-blip-captions --resolution 512 --mixed_precision fp16 ...
 
 The flags are those of diffusers' `train_text_to_image_lora.py`. What differs, and why:
@@ -11,20 +13,31 @@ The flags are those of diffusers' `train_text_to_image_lora.py`. What differs, a
 - Gradient clipping clips: the LoRA parameters are a list, not a spent `filter(...)` iterator.
 - LoRA factors stay fp32 under fp16/bf16, so the gradient scaler never meets fp16 gradients.
 - Every random draw is a function of (seed, step, micro-batch, process), so resuming from a checkpoint
-  gives the same adapter as a run that never stopped.
+  gives the same adapter, byte for byte, as a run that never stopped.
+- Every flag is checked before anything loads; the weights after every update, before anything is saved.
+- A checkpoint is data only (safetensors and JSON), never a pickle, so resuming runs no code from it.
+- One run at a time writes to an --output_dir (a lock file holds its process id).
 """
 
 from __future__ import annotations
 
-import argparse
+from .config import TrainConfig, config_from_args
+
+if __name__ == "__main__":  # now: a mistyped flag is reported at once, not after seconds of imports
+    COMMAND_LINE = config_from_args(description=__doc__)
+
+import contextlib
 import json
+import logging
 import math
 import os
-import random
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -36,13 +49,15 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.optimization import SchedulerType, get_scheduler
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .data import ImageTransform, load_captioned_dataset, tokenize
-from .formats import WEIGHT_NAME, read_lora_file, save_lora_weights
-from .inject import TEXT_ENCODER_ATTENTION, UNET_ATTENTION, find_targets, inject_lora, lora_parameters
+from .convert import select_component
+from .data import CaptionedImages, ImageTransform, TrainingSet, collate, load_captioned_dataset, tokenize
+from .formats import WEIGHT_NAME, read_json, read_lora, save_lora_weights
+from .inference import missing_base_model
+from .inject import find_targets, inject_lora, lora_parameters
 from .objective import denoising_loss
 from .textual_inversion import (
     add_placeholder_token,
@@ -50,105 +65,40 @@ from .textual_inversion import (
     save_learned_embedding,
     train_only_rows,
 )
-from .tiny import TINY_SD_PATH
 
-
-@dataclass
-class TrainConfig:
-    """The trainer's settings; field names are diffusers' flag names."""
-
-    pretrained_model_name_or_path: str = str(TINY_SD_PATH)
-    dataset_name: str | None = None
-    train_data_dir: str | None = None
-    image_column: str = "image"
-    caption_column: str = "text"
-    resolution: int | None = None  # None: the model's native size (512 for SD 1.5, 32 for tiny-sd)
-    center_crop: bool = False
-    random_flip: bool = False
-    train_batch_size: int = 1
-    dataloader_num_workers: int = 0
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int | None = None
-    num_train_epochs: int = 1
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    finetune: str = "lora"  # "lora"; "full": the target layers' own weights; "embedding": textual inversion
-    rank: int = 4
-    lora_alpha: float | None = None  # None: = rank, so the adapter's scale alpha/r is 1
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(UNET_ATTENTION))
-    train_text_encoder: bool = False
-    text_encoder_target_modules: list[str] = field(default_factory=lambda: list(TEXT_ENCODER_ATTENTION))
-    placeholder_token: str | None = None  # a new word, e.g. "<sks>", added to the tokenizer
-    initializer_token: str | None = None  # the word whose embedding the new one starts from
-    learned_embedding: str | None = None  # or a learned_embeds.safetensors (pivotal tuning's second phase)
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    prediction_type: str | None = None
-    mixed_precision: str | None = None  # "no", "fp16", "bf16", or "auto"
-    gradient_checkpointing: bool = False
-    allow_tf32: bool = False
-    cache_latents: bool | None = None  # None: whenever the augmentations allow it
-    output_dir: str = "sd-model-finetuned-lora"
-    logging_dir: str = "logs"
-    report_to: str = "none"
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
-    validation_prompt: str | None = None
-    num_validation_images: int = 4
-    validation_steps: int | None = None  # None: at the end of training only
-    validation_epochs: int | None = None
-    seed: int | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_token: str | None = None
-    max_train_samples: int | None = None
-    show_progress: bool = True
+logger = logging.getLogger(__name__)
+LOCK_NAME = ".lora_nb.lock"  # in --output_dir while a run writes there
 
 
 @dataclass
 class TrainResult:
+    """What a run made. Which files it saved depends on --finetune: each has its own field, or None."""
+
     output_dir: Path
-    lora_path: Path
     losses: list[float]  # one per optimiser step (mean over its micro-batches and processes)
     lrs: list[float]
     global_step: int
     unet: UNet2DConditionModel  # the trained model, LoRA layers in place
     text_encoder: CLIPTextModel
+    lora_path: Path | None = None  # the adapter, pytorch_lora_weights.safetensors (--finetune lora)
+    embedding_path: Path | None = None  # the new word's learned_embeds.safetensors (--placeholder_token)
+    unet_path: Path | None = None  # the fine-tuned UNet's folder (--finetune full)
     validation_images: list = field(default_factory=list)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or inf; the last good checkpoint is kept, nothing else is saved."""
 
 
 # ---------------------------------------------------------------- checks made before any training starts
 
 
 def check_config(config: TrainConfig, needs_data: bool = True) -> None:
+    config.validate()
     if needs_data and config.dataset_name is None and config.train_data_dir is None:
-        raise ValueError("give --dataset_name (a hub id or a local folder) or --train_data_dir (a local folder)")
-    try:
-        SchedulerType(config.lr_scheduler)
-    except ValueError:
-        names = ", ".join(s.value for s in SchedulerType)
-        raise ValueError(f"unknown --lr_scheduler {config.lr_scheduler!r}; choose one of: {names}") from None
-    if config.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise ValueError(f"unknown --prediction_type {config.prediction_type!r}: use epsilon or v_prediction")
-    if config.finetune not in ("lora", "full", "embedding"):
-        raise ValueError(f"unknown --finetune {config.finetune!r}: use lora, full or embedding")
-    if config.finetune == "embedding" and not config.placeholder_token:
-        raise ValueError("--finetune embedding (textual inversion) needs a --placeholder_token to learn")
-    if config.mixed_precision not in (None, "no", "fp16", "bf16", "auto"):
-        raise ValueError(f"unknown --mixed_precision {config.mixed_precision!r}: use no, fp16, bf16 or auto")
+        raise ValueError(
+            "give --dataset_name (a hub id or a local folder) or --train_data_dir (a local folder)"
+        )
     if config.push_to_hub:
         check_hub(config)
     if config.report_to in ("wandb", "all"):
@@ -163,19 +113,24 @@ def check_hub(config: TrainConfig) -> None:
     try:
         HfApi(token=config.hub_token).create_repo(repo, exist_ok=True)
     except Exception as error:  # noqa: BLE001 -- offline, no token, no rights: all end the same way
-        raise RuntimeError(f"--push_to_hub: cannot create or reach hub repo {repo!r} ({type(error).__name__}: "
-                           f"{error}). Log in with `hf auth login`, check the network, or drop --push_to_hub.") from None
+        raise RuntimeError(
+            f"--push_to_hub: cannot create or reach hub repo {repo!r} ({type(error).__name__}: "
+            f"{error}). Log in with `hf auth login`, check the network, or drop --push_to_hub."
+        ) from None
 
 
 def check_wandb() -> None:
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("--report_to wandb: wandb is not installed (pip install wandb), "
-                           "or choose --report_to tensorboard") from None
+        raise RuntimeError(
+            "--report_to wandb: wandb is not installed (pip install wandb), or choose --report_to tensorboard"
+        ) from None
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.api.api_key:
-        raise RuntimeError("--report_to wandb: not logged in to wandb; run `wandb login`, "
-                           "or set WANDB_MODE=offline to log locally")
+        raise RuntimeError(
+            "--report_to wandb: not logged in to wandb; run `wandb login`, "
+            "or set WANDB_MODE=offline to log locally"
+        )
 
 
 def auto_mixed_precision() -> str:
@@ -189,13 +144,35 @@ def auto_mixed_precision() -> str:
     return "bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16"
 
 
+def training_precision(config: TrainConfig, cpu: bool) -> str:
+    """--mixed_precision as this machine runs it. fp16 on a CPU has neither fast kernels nor a gradient
+    scaler (accelerate runs it as plain fp16, which overflows), so a CPU trains in fp32 instead, and says so:
+    a notebook set up for a T4 still runs on a laptop."""
+    if config.mixed_precision == "auto":
+        return auto_mixed_precision()
+    gpu = not cpu and (torch.cuda.is_available() or torch.backends.mps.is_available())
+    if config.mixed_precision == "fp16" and not gpu:
+        logger.warning(
+            "--mixed_precision fp16 needs a GPU; this run is on a CPU, so it trains in fp32 instead "
+            "(--mixed_precision bf16 trains in reduced precision on a CPU)"
+        )
+        return "no"
+    return config.mixed_precision
+
+
 def training_resolution(config: TrainConfig) -> int:
     """The image size to train at: --resolution, checked against the model, or the model's native size.
 
-    Reads only the configs, so a wrong value is reported before any weights load.
+    Reads only the configs, so a wrong value, or a base model that is not there, is reported before any
+    weights load.
     """
-    unet_config = UNet2DConditionModel.load_config(config.pretrained_model_name_or_path, subfolder="unet")
-    vae_config = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae")
+    try:
+        unet_config = UNet2DConditionModel.load_config(config.pretrained_model_name_or_path, subfolder="unet")
+        vae_config = AutoencoderKL.load_config(config.pretrained_model_name_or_path, subfolder="vae")
+    except OSError as error:
+        raise missing_base_model(
+            "--pretrained_model_name_or_path", config.pretrained_model_name_or_path, error
+        ) from None
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     resolution = config.resolution or unet_config["sample_size"] * factor
     if resolution <= 0 or resolution % factor:
@@ -216,97 +193,24 @@ class Components:
 
 
 def load_components(path: str, dtype: torch.dtype, device) -> Components:
-    """The frozen pipeline parts, in the training dtype; LoRA factors added later stay fp32."""
-    parts = Components(
+    """The frozen pipeline components, in the training dtype; LoRA factors added later stay fp32."""
+    components = Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", dtype=dtype),
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype),
         scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
-    for model in (parts.text_encoder, parts.vae, parts.unet):
+    for model in (components.text_encoder, components.vae, components.unet):
         model.requires_grad_(False).to(device)
-    return parts
-
-
-class CaptionedImages(torch.utils.data.Dataset):
-    """Items for the training loop: each is a list of examples (one here; DreamBooth pairs two).
-
-    An example is a dict with either `latent_mean`/`latent_std` (cached) or `pixels`, either
-    `text_embedding` (cached) or `input_ids`, and a loss `weight`.
-    """
-
-    def __init__(self, images, captions, transform: ImageTransform, seed: int, weight: float = 1.0):
-        self.images, self.captions, self.transform = images, captions, transform
-        self.seed, self.weight, self.epoch = seed, weight, 0
-        self.latents: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per image, per flip
-        self.text_embeddings: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def _rng(self, index: int) -> random.Random:
-        return random.Random(f"{self.seed}-{self.epoch}-{index}")
-
-    def example(self, index: int) -> dict:
-        rng = self._rng(index)
-        example = {"weight": self.weight}
-        if self.latents is not None:
-            flip = int(self.transform.random_flip and rng.random() < 0.5)
-            example["latent_mean"], example["latent_std"] = (t[flip] for t in self.latents[index])
-        else:
-            example["pixels"] = self.transform(self.images[index], rng)
-        if self.text_embeddings is not None:
-            example["text_embedding"] = self.text_embeddings[index]
-        else:
-            example["caption"] = self.captions[index]
-        return example
-
-    def __getitem__(self, index: int) -> list[dict]:
-        return [self.example(index)]
-
-    @torch.no_grad()
-    def cache(self, parts: Components, latents: bool, text: bool, device, batch_size: int = 32) -> None:
-        """Run the frozen VAE / text encoder over the whole set once (or forget what an earlier run cached)."""
-        self.latents = self.text_embeddings = None
-        if latents:
-            flips = [False, True] if self.transform.random_flip else [False]
-            self.latents = []
-            for first in range(0, len(self), batch_size):
-                chunk = range(first, min(len(self), first + batch_size))
-                per_flip = []
-                for flip in flips:
-                    transform = ImageTransform(self.transform.resolution, True, False)
-                    pixels = torch.stack([transform(self.images[i]) for i in chunk])
-                    if flip:
-                        pixels = pixels.flip(-1)
-                    dist = parts.vae.encode(pixels.to(device, parts.vae.dtype)).latent_dist
-                    per_flip.append((dist.mean.float().cpu(), dist.std.float().cpu()))
-                for j in range(len(chunk)):
-                    self.latents.append((torch.stack([m[j] for m, _ in per_flip]),
-                                         torch.stack([s[j] for _, s in per_flip])))
-        if text:
-            embeddings = []
-            for first in range(0, len(self), batch_size):
-                ids = tokenize(parts.tokenizer, self.captions[first:first + batch_size]).to(device)
-                embeddings.append(parts.text_encoder(ids)[0].cpu())
-            self.text_embeddings = torch.cat(embeddings)
-
-
-def collate(items: list[list[dict]]) -> dict:
-    examples = [ex for item in items for ex in item]
-    batch = {"items": len(items), "weight": torch.tensor([ex["weight"] for ex in examples])}
-    for key in ("latent_mean", "latent_std", "pixels", "text_embedding"):
-        if key in examples[0]:
-            batch[key] = torch.stack([ex[key] for ex in examples])
-    if "caption" in examples[0]:
-        batch["caption"] = [ex["caption"] for ex in examples]
-    return batch
+    return components
 
 
 def load_training_set(config: TrainConfig, resolution: int, seed: int) -> CaptionedImages:
     if config.train_data_dir:  # always a local folder, as in diffusers
-        dataset = load_captioned_dataset(config.train_data_dir, config.image_column, config.caption_column, local=True)
+        dataset = load_captioned_dataset(
+            config.train_data_dir, config.image_column, config.caption_column, local=True
+        )
     else:
         dataset = load_captioned_dataset(config.dataset_name, config.image_column, config.caption_column)
     if config.max_train_samples:
@@ -318,20 +222,22 @@ def load_training_set(config: TrainConfig, resolution: int, seed: int) -> Captio
 # ---------------------------------------------------------------- one step
 
 
-def batch_latents(batch: dict, parts: Components, device) -> torch.Tensor:
+def batch_latents(batch: dict, components: Components, device) -> torch.Tensor:
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
         latents = mean + std * torch.randn_like(mean)  # a fresh sample of the cached distribution
     else:
         with torch.no_grad():
-            latents = parts.vae.encode(batch["pixels"].to(device, parts.vae.dtype)).latent_dist.sample()
-    return latents * parts.vae.config.scaling_factor
+            latents = components.vae.encode(
+                batch["pixels"].to(device, components.vae.dtype)
+            ).latent_dist.sample()
+    return latents * components.vae.config.scaling_factor
 
 
-def batch_text(batch: dict, parts: Components, device) -> torch.Tensor:
+def batch_text(batch: dict, components: Components, device) -> torch.Tensor:
     if "text_embedding" in batch:
         return batch["text_embedding"].to(device)
-    return parts.text_encoder(tokenize(parts.tokenizer, batch["caption"]).to(device))[0]
+    return components.text_encoder(tokenize(components.tokenizer, batch["caption"]).to(device))[0]
 
 
 def step_seed(seed: int, step: int, micro: int, process: int) -> int:
@@ -346,32 +252,75 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(output_dir: Path, step: int, parts: Components, optimizer, lr_scheduler, accelerator,
-                    history: dict, total_limit: int | None) -> Path:
+def save_checkpoint(run: Run) -> Path:
     """Write checkpoint-N atomically (a temporary folder renamed into place), then prune old ones."""
+    output_dir, step = Path(run.config.output_dir), run.global_step
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_unwrapped_lora(tmp, parts, accelerator)
-    state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
-    if accelerator.scaler is not None:
-        state["scaler"] = accelerator.scaler.state_dict()
-    torch.save(state, tmp / "training_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, **history}))
+    save_unwrapped_lora(tmp, run.components, run.accelerator)
+    save_training_state(tmp, run.optimizer, run.lr_scheduler, run.accelerator.scaler)
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step, **run.history}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    if total_limit:
-        for old in checkpoint_dirs(output_dir)[:-total_limit]:
+    if run.config.checkpoints_total_limit:
+        for old in checkpoint_dirs(output_dir)[: -run.config.checkpoints_total_limit]:
             shutil.rmtree(old)
     return final
 
 
-def save_unwrapped_lora(folder: Path, parts: Components, accelerator) -> Path:
+def save_training_state(folder: Path, optimizer, lr_scheduler, scaler) -> None:
+    """The optimiser's tensors in training_state.safetensors; its other values, the schedule's and the loss
+    scaler's in training_state.json. Checkpoints are shared like adapters: they hold data, never a pickle."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.contiguous()
+            else:
+                plain.setdefault(str(index), {})[name] = value
+    safetensors.torch.save_file(tensors, folder / "training_state.safetensors")
+    (folder / "training_state.json").write_text(
+        json.dumps(
+            {
+                "optimizer": {"param_groups": state["param_groups"], "state": plain},
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+            }
+        )
+    )
+
+
+def load_training_state(folder: Path, optimizer, lr_scheduler, scaler) -> None:
+    """Put save_training_state's files back into the optimiser, schedule and scaler."""
+    if not (folder / "training_state.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {folder} has no training_state.json: it comes from an older lora_nb, whose "
+            "training_state.pt (a pickle) is not read, as unpickling can run code. Start a fresh run; the "
+            f"adapter in it ({WEIGHT_NAME}) is still good to use"
+        )
+    saved = read_json((folder / "training_state.json").read_text(), str(folder / "training_state.json"))
+    state: dict[int, dict] = {}
+    for key, tensor in safetensors.torch.load_file(folder / "training_state.safetensors").items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in saved["optimizer"]["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
+
+
+def save_unwrapped_lora(folder: Path, components: Components, accelerator) -> Path:
     return save_lora_weights(
         folder,
-        unet=accelerator.unwrap_model(parts.unet),
-        text_encoder=accelerator.unwrap_model(parts.text_encoder) if has_lora(parts.text_encoder) else None,
+        unet=accelerator.unwrap_model(components.unet),
+        text_encoder=accelerator.unwrap_model(components.text_encoder)
+        if has_lora(components.text_encoder)
+        else None,
     )
 
 
@@ -388,19 +337,37 @@ def has_lora(model) -> bool:
     return bool(lora_parameters(model))
 
 
-def restore_lora(checkpoint: Path, unet, text_encoder=None) -> None:
-    """Copy a checkpoint's factors into the freshly injected layers (same targets, rank, dropout)."""
-    tensors, _ = read_lora_file(checkpoint)
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
-        state = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
-        wanted = {k for k in model.state_dict() if ".lora_" in k}
-        if set(state) != wanted:
-            odd = sorted(set(state) ^ wanted)[:3]
-            raise ValueError(f"checkpoint {checkpoint} does not match this run's {prefix} LoRA layers "
-                             f"(first differing keys: {odd}); resume with the same targets and rank")
-        model.load_state_dict(state, strict=False)
+def restore_lora(checkpoint: Path, models: dict[str, torch.nn.Module]) -> None:
+    """Copy a checkpoint's factors into the freshly injected layers of ``models`` ({prefix: model}): the
+    same targets, rank and text-encoder choice, or a ValueError saying which differs."""
+    tensors = read_lora(checkpoint).tensors
+    broken = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise ValueError(
+            f"checkpoint {checkpoint} holds NaN or inf weights ({broken[0]}); resume from an earlier one"
+        )
+    wanted = {
+        f"{prefix}.{key}": value
+        for prefix, model in models.items()
+        for key, value in model.state_dict().items()
+        if ".lora_" in key
+    }
+    if set(tensors) != set(wanted):
+        odd = sorted(set(tensors) ^ set(wanted))[:3]
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match this run's LoRA layers (first differing keys: "
+            f"{odd}); resume with its --target_modules and --train_text_encoder"
+        )
+    for key, value in wanted.items():
+        if tensors[key].shape != value.shape:
+            rank = tensors[key].shape[0 if ".lora_A." in key else 1]
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained at rank {rank} ({key} is "
+                f"{tuple(tensors[key].shape)} there, {tuple(value.shape)} here); resume with "
+                f"--rank {rank}"
+            )
+    for prefix, model in models.items():
+        model.load_state_dict(select_component(tensors, prefix), strict=False)
 
 
 def find_resume_checkpoint(config: TrainConfig) -> Path | None:
@@ -408,31 +375,121 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
         return None
     if config.resume_from_checkpoint == "latest":
         found = checkpoint_dirs(Path(config.output_dir))
-        return found[-1] if found else None  # nothing to resume: start fresh, as diffusers does
+        if not found:  # start fresh, as diffusers does, but say so
+            logger.warning(
+                "--resume_from_checkpoint latest: no checkpoint in %s; starting from step 0",
+                config.output_dir,
+            )
+        return found[-1] if found else None
     path = Path(config.resume_from_checkpoint)
     if not path.is_absolute() and not path.exists():
         path = Path(config.output_dir) / path
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {config.resume_from_checkpoint}: no checkpoint at {path}")
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {config.resume_from_checkpoint}: no checkpoint at {path}"
+        )
     return path
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+@contextlib.contextmanager
+def claimed_output_dir(output_dir: Path, main_process: bool = True):
+    """Hold --output_dir for the run: created and proven writable now (not at the final save, hours later),
+    and refused while another live run holds it. A folder the run created and left empty is removed."""
+    if not main_process:  # the main process alone writes, and holds the lock
+        yield
+        return
+    created, lock = not output_dir.exists(), None
+    try:
+        lock = take_lock(output_dir)
+        yield
+    finally:
+        if lock:
+            lock.unlink(missing_ok=True)
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+
+
+def take_lock(output_dir: Path) -> Path:
+    """Create output_dir/.lora_nb.lock holding "pid@host". O_EXCL makes one of two runs starting together the
+    winner; a lock whose process is gone (a killed run's) is taken over."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file, not a folder")
+    lock = output_dir / LOCK_NAME
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after taking over a dead run's lock
+            try:
+                descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                holder = lock_holder(lock)
+                if holder:
+                    raise RuntimeError(
+                        f"--output_dir {output_dir} is in use by another run (process {holder}, see {lock}); "
+                        "let it finish or choose another --output_dir. If no run uses it, delete that file."
+                    ) from None
+                lock.unlink(missing_ok=True)
+        else:
+            raise RuntimeError(f"--output_dir {output_dir}: another run took it just now ({lock})")
+    except OSError as error:
+        raise PermissionError(
+            f"--output_dir {output_dir}: cannot write there ({error.strerror}); "
+            "choose a folder you can write to"
+        ) from None
+    with os.fdopen(descriptor, "w") as f:
+        f.write(f"{os.getpid()}@{socket.gethostname()}")
+    return lock
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds a lock file ("pid@host"), if that run may still be alive; None for no lock or a dead run."""
+    try:
+        text = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    pid, _, host = text.partition("@")
+    if not pid.isdigit():  # written by a run killed at once
+        return None
+    if host != socket.gethostname():  # another machine's run: it cannot be checked from here
+        return text
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return text
 
 
 # ---------------------------------------------------------------- validation and the model card
 
 
 @torch.no_grad()
-def validate(config: TrainConfig, parts: Components, accelerator, step: int, tag: str = "validation") -> list:
+def sample_validation_images(
+    config: TrainConfig, components: Components, accelerator, step: int, tag: str = "validation"
+) -> list:
     pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=accelerator.unwrap_model(parts.text_encoder), tokenizer=parts.tokenizer,
-        unet=accelerator.unwrap_model(parts.unet),
-        scheduler=DPMSolverMultistepScheduler.from_config(parts.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=components.vae,
+        text_encoder=accelerator.unwrap_model(components.text_encoder),
+        tokenizer=components.tokenizer,
+        unet=accelerator.unwrap_model(components.unet),
+        scheduler=DPMSolverMultistepScheduler.from_config(components.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed or 0)
     with accelerator.autocast():
-        images = pipe(config.validation_prompt, num_images_per_prompt=config.num_validation_images,
-                      num_inference_steps=25, generator=generator).images
+        images = pipe(
+            config.validation_prompt,
+            num_images_per_prompt=config.num_validation_images,
+            num_inference_steps=25,
+            generator=generator,
+        ).images
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -441,11 +498,15 @@ def validate(config: TrainConfig, parts: Components, accelerator, step: int, tag
         if tracker.name == "tensorboard":
             import numpy as np
 
-            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+            tracker.writer.add_images(
+                tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC"
+            )
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(im, caption=config.validation_prompt) for im in images]}, step=step)
+            tracker.log(
+                {tag: [wandb.Image(im, caption=config.validation_prompt) for im in images]}, step=step
+            )
     return images
 
 
@@ -463,13 +524,25 @@ def write_model_card(config: TrainConfig, result: TrainResult, sample_images: li
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
-        license="creativeml-openrail-m" if "stable-diffusion" in config.pretrained_model_name_or_path else "apache-2.0",
-        tags=["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "lora",
-              "diffusers-training", "lora_nb"],
+        license="creativeml-openrail-m"
+        if "stable-diffusion" in config.pretrained_model_name_or_path
+        else "apache-2.0",
+        tags=[
+            "stable-diffusion",
+            "stable-diffusion-diffusers",
+            "text-to-image",
+            "diffusers",
+            "lora",
+            "diffusers-training",
+            "lora_nb",
+        ],
         inference=True,
     )
-    settings = {k: v for k, v in asdict(config).items()
-                if k not in ("hub_token", "show_progress") and v not in (None, False)}
+    settings = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("hub_token", "show_progress") and v not in (None, False)
+    }
     images = "\n".join(f"![{config.validation_prompt}](./{name})" for name in names)
     body = f"""
 # LoRA text-to-image weights for {config.pretrained_model_name_or_path}
@@ -477,7 +550,7 @@ def write_model_card(config: TrainConfig, result: TrainResult, sample_images: li
 LoRA adaptation weights (rank {config.rank}, alpha {config.lora_alpha or config.rank}) for
 `{config.pretrained_model_name_or_path}`, fine-tuned on `{config.train_data_dir or config.dataset_name}`
 with [lora_nb](https://github.com/) for {result.global_step} steps. Final training loss:
-{result.losses[-1] if result.losses else float('nan'):.4f}.
+{result.losses[-1] if result.losses else float("nan"):.4f}.
 
 {"Samples for the prompt “" + config.validation_prompt + "”:" if names else ""}
 
@@ -488,7 +561,7 @@ with [lora_nb](https://github.com/) for {result.global_step} steps. Final traini
 ```python
 from lora_nb import load_lora_pipeline
 pipe = load_lora_pipeline("{config.hub_model_id or config.output_dir}")  # reads base_model from this card
-image = pipe("{config.validation_prompt or 'a prompt'}", num_inference_steps=25).images[0]
+image = pipe("{config.validation_prompt or "a prompt"}", num_inference_steps=25).images[0]
 ```
 
 or with diffusers alone: `pipe = StableDiffusionPipeline.from_pretrained(base_model)` then
@@ -506,188 +579,333 @@ or with diffusers alone: `pipe = StableDiffusionPipeline.from_pretrained(base_mo
 
 # ---------------------------------------------------------------- the training loop
 
+DIVERGED_ADVICE = "Lower --learning_rate, or use bf16 or fp32."
 
-def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainResult:
-    """Fine-tune LoRA layers on `config`'s data (or on `dataset`, a ready CaptionedImages-like set)."""
+
+@dataclass
+class Run:
+    """One run's moving parts, as the loop, its checks and the checkpoints use them."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    components: Components
+    params: list[torch.nn.Parameter]  # what the optimiser updates
+    trained: list[torch.nn.Module]  # the prepared models they live in
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    restore_other_rows: Callable[[], None] | None  # textual inversion: undo the update of every other word
+    steps_per_epoch: int
+    max_steps: int
+    seed: int
+    history: dict = field(default_factory=lambda: {"losses": [], "lrs": []})
+    global_step: int = 0
+    last_good: Path | None = None  # the newest checkpoint this run wrote, or resumed from
+
+
+def train(config: TrainConfig, dataset: TrainingSet | None = None) -> TrainResult:
+    """Fine-tune on `config`'s data (or on `dataset`, a ready TrainingSet): set up, the loop, finish.
+
+    Every flag is checked and --output_dir claimed before any weights load; nothing is saved unchecked.
+    """
     check_config(config, needs_data=dataset is None)
-    output_dir = Path(config.output_dir)
+    resume_from = find_resume_checkpoint(config)
+    resolution = training_resolution(config) if dataset is None else None
+    accelerator = make_accelerator(config)
+    with claimed_output_dir(Path(config.output_dir), accelerator.is_main_process):
+        seed = config.seed if config.seed is not None else 0
+        if dataset is None:
+            dataset = load_training_set(config, resolution, seed)
+        run = prepare_run(config, dataset, accelerator, resume_from, seed)
+        progress = tqdm(
+            total=run.max_steps,
+            initial=run.global_step,
+            desc="steps",
+            disable=not (accelerator.is_local_main_process and config.show_progress),
+        )
+        for model in run.trained:
+            model.train()
+        first_epoch = run.global_step // run.steps_per_epoch
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+                if run.global_step >= run.max_steps:  # resumed at the last step
+                    break
+                dataset.epoch = epoch
+                run.loader.set_epoch(epoch)
+                # On resume, the batches this epoch's finished steps used are skipped, not drawn again.
+                skip = (run.global_step - epoch * run.steps_per_epoch) * config.gradient_accumulation_steps
+                batches = accelerator.skip_first_batches(run.loader, skip) if skip > 0 else run.loader
+                step_loss, micro = 0.0, 0
+                for batch in batches:
+                    torch.manual_seed(step_seed(run.seed, run.global_step, micro, accelerator.process_index))
+                    step_loss += micro_step(run, batch) / config.gradient_accumulation_steps
+                    micro += 1
+                    if not accelerator.sync_gradients:  # still accumulating: the step is not complete
+                        continue
+                    run.global_step += 1
+                    check_weights(run)
+                    after_step(run, step_loss, progress)
+                    step_loss, micro = 0.0, 0
+                    if run.global_step >= run.max_steps:
+                        break
+                if (
+                    validation_due(config, epoch + 1, config.validation_epochs)
+                    and accelerator.is_main_process
+                    and run.global_step < run.max_steps  # the last step's images are drawn by finish
+                ):
+                    sample_validation_images(config, run.components, accelerator, run.global_step)
+        progress.close()
+        return finish(run)
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
     # accelerate keeps one global state per process; a notebook that trains twice (say fp32, then bf16)
     # needs it cleared. The process group (PartialState) stays, so multi-process runs are unaffected.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # accelerate reads several CPU processes (torchrun without GPUs) as MULTI_CPU only when told cpu=True.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    output_dir = Path(config.output_dir)
     accelerator = Accelerator(
-        # accelerate reads several CPU processes (torchrun without GPUs) as MULTI_CPU only when told cpu=True.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        cpu=cpu,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=auto_mixed_precision() if config.mixed_precision == "auto" else config.mixed_precision,
+        mixed_precision=training_precision(config, cpu),
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed or 0),
     )
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    seed = config.seed if config.seed is not None else 0
+    return accelerator
 
-    if dataset is None:
-        dataset = load_training_set(config, training_resolution(config), seed)
-    parts = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
+
+def trainable_parameters(config: TrainConfig, components: Components, resume_from: Path | None, seed: int):
+    """What trains, per --finetune: LoRA factors (a checkpoint's, on resume), the target layers' own weights,
+    or the new word's embedding. Returns (parameters, restore_other_rows or None)."""
     if config.placeholder_token:
         start = read_learned_embedding(config.learned_embedding)[1] if config.learned_embedding else None
-        token_id = add_placeholder_token(parts.tokenizer, parts.text_encoder, config.placeholder_token,
-                                         config.initializer_token, start)
-    text_trains = config.train_text_encoder or config.finetune == "embedding"
+        token_id = add_placeholder_token(
+            components.tokenizer,
+            components.text_encoder,
+            config.placeholder_token,
+            config.initializer_token,
+            start,
+        )
     restore_other_rows = None
-
-    resume_from = find_resume_checkpoint(config)
     if config.finetune == "full":
-        if resume_from:
-            raise ValueError("--resume_from_checkpoint is for LoRA runs; a full fine-tune is the short reference")
-        params = full_finetune_parameters(parts.unet, config.target_modules)
+        params = full_finetune_parameters(components.unet, config.target_modules)
     elif config.finetune == "embedding":
-        restore_other_rows = train_only_rows(parts.text_encoder.get_input_embeddings(), [token_id])
-        params = [parts.text_encoder.get_input_embeddings().weight]
+        restore_other_rows = train_only_rows(components.text_encoder.get_input_embeddings(), [token_id])
+        params = [components.text_encoder.get_input_embeddings().weight]
     else:
         torch.manual_seed(seed)  # the A factors' initialisation
-        inject_lora(parts.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout)
+        inject_lora(
+            components.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout
+        )
         if config.train_text_encoder:
-            inject_lora(parts.text_encoder, config.text_encoder_target_modules, config.rank,
-                        config.lora_alpha, config.lora_dropout)
+            inject_lora(
+                components.text_encoder,
+                config.text_encoder_target_modules,
+                config.rank,
+                config.lora_alpha,
+                config.lora_dropout,
+            )
         if resume_from:
-            restore_lora(resume_from, parts.unet, parts.text_encoder if config.train_text_encoder else None)
-        params = lora_parameters(parts.unet) + lora_parameters(parts.text_encoder)
+            text = {"text_encoder": components.text_encoder} if config.train_text_encoder else {}
+            restore_lora(resume_from, {"unet": components.unet, **text})
+        params = lora_parameters(components.unet) + lora_parameters(components.text_encoder)
     if config.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
+        components.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            parts.text_encoder.gradient_checkpointing_enable()
+            components.text_encoder.gradient_checkpointing_enable()
+    return params, restore_other_rows
 
+
+def prepare_run(
+    config: TrainConfig, dataset, accelerator: Accelerator, resume_from: Path | None, seed: int
+) -> Run:
+    """Load the model, make what trains, cache what stays frozen, and build the loader, optimiser and
+    schedule (in a checkpoint's state, on resume)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    components = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
+    params, restore_other_rows = trainable_parameters(config, components, resume_from, seed)
+    text_trains = config.train_text_encoder or config.finetune == "embedding"
     cache = dataset.transform.center_crop if config.cache_latents is None else config.cache_latents
-    if cache and not dataset.transform.center_crop:
-        raise ValueError("--cache_latents needs --center_crop: a random crop differs at every step")
     with accelerator.autocast():
-        dataset.cache(parts, latents=cache, text=not text_trains, device=accelerator.device)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        dataset.cache(components, latents=cache, text=not text_trains, device=accelerator.device)
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
-                                         collate_fn=collate, num_workers=config.dataloader_num_workers,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=config.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
     lr = config.learning_rate
     if config.scale_lr:
         lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / steps_per_epoch)
     # accelerate steps a prepared scheduler once per process, hence the scaling (as diffusers does).
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
-    trained = [parts.unet] + ([parts.text_encoder] if text_trains else [])
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    trained = [components.unet] + ([components.text_encoder] if text_trains else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
-    parts.unet = trained[0]
+    components.unet = trained[0]
     if text_trains:
-        parts.text_encoder = trained[1]
-
-    history = {"losses": [], "lrs": []}
-    global_step = 0
+        components.text_encoder = trained[1]
+    run = Run(
+        config,
+        accelerator,
+        components,
+        params,
+        trained,
+        optimizer,
+        lr_scheduler,
+        loader,
+        restore_other_rows,
+        steps_per_epoch,
+        max_steps,
+        seed,
+    )
     if resume_from:
-        state = torch.load(resume_from / "training_state.pt", weights_only=False, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if accelerator.scaler is not None and "scaler" in state:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        global_step = saved.pop("global_step")
-        history = saved
+        resume(run, resume_from)
     if accelerator.is_main_process and config.report_to != "none":
-        accelerator.init_trackers("lora_nb", config={k: str(v) for k, v in asdict(config).items()
-                                                      if k != "hub_token"})
+        accelerator.init_trackers(
+            "lora_nb", config={k: str(v) for k, v in asdict(config).items() if k != "hub_token"}
+        )
+    return run
 
-    progress = tqdm(total=max_steps, initial=global_step, desc="steps",
-                    disable=not (accelerator.is_local_main_process and config.show_progress))
-    validation_images = []
-    for model in trained:
-        model.train()
-    with torch.random.fork_rng(devices=[]):
-        for epoch in range(global_step // steps_per_epoch, epochs):
-            dataset.epoch = epoch
-            loader.set_epoch(epoch)
-            skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-            batches = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
-            step_loss, micro = 0.0, 0
-            for batch in batches:
-                torch.manual_seed(step_seed(seed, global_step, micro, accelerator.process_index))
-                with accelerator.accumulate(*trained):
-                    latents = batch_latents(batch, parts, accelerator.device)
-                    per_example = denoising_loss(
-                        parts.unet, parts.scheduler, latents, batch_text(batch, parts, accelerator.device),
-                        prediction_type=config.prediction_type, snr_gamma=config.snr_gamma,
-                        noise_offset=config.noise_offset, reduce=False)
-                    loss = (per_example * batch["weight"].to(per_example.device)).sum() / batch["items"]
-                    mean_loss = accelerator.gather(loss.detach()).mean().item()
-                    if not math.isfinite(mean_loss):
-                        kept = checkpoint_dirs(output_dir)
-                        raise TrainingDiverged(
-                            f"loss is {mean_loss} at step {global_step + 1}; stopped. Last good checkpoint: "
-                            f"{kept[-1] if kept else 'none'}. Lower --learning_rate, or use bf16 or fp32.")
-                    step_loss += mean_loss / config.gradient_accumulation_steps
-                    micro += 1
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    if restore_other_rows:
-                        restore_other_rows()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                history["losses"].append(step_loss)
-                history["lrs"].append(lr_scheduler.get_last_lr()[0])
-                progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{history['lrs'][-1]:.2e}")
-                accelerator.log({"train_loss": step_loss, "lr": history["lrs"][-1]}, step=global_step)
-                step_loss, micro = 0.0, 0
-                if accelerator.is_main_process and config.checkpointing_steps and \
-                        global_step % config.checkpointing_steps == 0 and global_step < max_steps:
-                    save_checkpoint(output_dir, global_step, parts, optimizer, lr_scheduler, accelerator,
-                                    history, config.checkpoints_total_limit)
-                if accelerator.is_main_process and config.validation_prompt and config.validation_steps and \
-                        global_step % config.validation_steps == 0 and global_step < max_steps:
-                    validate(config, parts, accelerator, global_step)
-                if global_step >= max_steps:
-                    break
-            if config.validation_prompt and config.validation_epochs and (epoch + 1) % config.validation_epochs == 0 \
-                    and accelerator.is_main_process and global_step < max_steps:
-                validate(config, parts, accelerator, global_step)
-            if global_step >= max_steps:
-                break
-    progress.close()
 
+def resume(run: Run, checkpoint: Path) -> None:
+    load_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.accelerator.scaler)
+    where = checkpoint / "trainer_state.json"
+    saved = read_json(where.read_text(), str(where))
+    run.global_step = saved.pop("global_step")
+    run.history, run.last_good = saved, checkpoint
+    if run.global_step > run.max_steps:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} is at step {run.global_step}, past "
+            f"--max_train_steps {run.max_steps}; give more steps"
+        )
+
+
+def validation_due(config: TrainConfig, count: int, every: int | None) -> bool:
+    """Whether validation images are due after ``count`` steps or epochs, drawn ``every`` so many."""
+    return bool(config.validation_prompt and every and count % every == 0)
+
+
+def micro_step(run: Run, batch: dict) -> float:
+    """Forward and backward on one micro-batch; the optimiser steps when accelerate says the accumulation is
+    complete. Returns the loss, averaged over the processes."""
+    accelerator, components, config = run.accelerator, run.components, run.config
+    with accelerator.accumulate(*run.trained):
+        latents = batch_latents(batch, components, accelerator.device)
+        per_example = denoising_loss(
+            components.unet,
+            components.scheduler,
+            latents,
+            batch_text(batch, components, accelerator.device),
+            prediction_type=config.prediction_type,
+            snr_gamma=config.snr_gamma,
+            noise_offset=config.noise_offset,
+            reduce=False,
+        )
+        loss = (per_example * batch["weight"].to(per_example.device)).sum() / batch["items"]
+        mean_loss = accelerator.gather(loss.detach()).mean().item()
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(
+                f"loss is {mean_loss} at step {run.global_step + 1}; stopped. Last good "
+                f"checkpoint: {run.last_good or 'none'}. {DIVERGED_ADVICE}"
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
+        run.optimizer.step()
+        if run.restore_other_rows:
+            run.restore_other_rows()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return mean_loss
+
+
+def check_weights(run: Run) -> None:
+    """Stop before a NaN or inf weight can be saved. The loss is checked before each update; the update
+    itself can still poison the weights (a finite loss, a huge step), so they are checked after it too."""
+    if not torch.stack([torch.isfinite(p).all() for p in run.params]).all():
+        raise TrainingDiverged(
+            f"the update of step {run.global_step} made weights NaN or inf; stopped before "
+            f"saving them. Last good checkpoint: {run.last_good or 'none'}. {DIVERGED_ADVICE}"
+        )
+
+
+def after_step(run: Run, step_loss: float, progress) -> None:
+    """Record a finished step; write a checkpoint and draw validation images when they are due."""
+    config, accelerator, step = run.config, run.accelerator, run.global_step
+    run.history["losses"].append(step_loss)
+    run.history["lrs"].append(run.lr_scheduler.get_last_lr()[0])
+    progress.update(1)
+    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{run.history['lrs'][-1]:.2e}")
+    accelerator.log({"train_loss": step_loss, "lr": run.history["lrs"][-1]}, step=step)
+    if not accelerator.is_main_process or step >= run.max_steps:
+        return  # the main process alone writes; the last step's results are saved by finish
+    if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+        run.last_good = save_checkpoint(run)
+    if validation_due(config, step, config.validation_steps):
+        sample_validation_images(config, run.components, accelerator, step)
+
+
+def finish(run: Run) -> TrainResult:
+    """Save the adapter (or the full weights, or the new word), the final validation images and the card."""
+    config, accelerator, components = run.config, run.accelerator, run.components
+    output_dir = Path(config.output_dir)
     accelerator.wait_for_everyone()
-    unet, text_encoder = accelerator.unwrap_model(parts.unet), accelerator.unwrap_model(parts.text_encoder)
-    lora_path = output_dir / WEIGHT_NAME
+    result = TrainResult(
+        output_dir,
+        run.history["losses"],
+        run.history["lrs"],
+        run.global_step,
+        unet=accelerator.unwrap_model(components.unet),
+        text_encoder=accelerator.unwrap_model(components.text_encoder),
+    )
     if accelerator.is_main_process:
         if config.finetune == "full":
-            lora_path = output_dir / "unet"
-            unet.save_pretrained(lora_path)
+            result.unet_path = output_dir / "unet"
+            result.unet.save_pretrained(result.unet_path)
         if config.placeholder_token:
-            lora_path = save_learned_embedding(output_dir, parts.tokenizer, text_encoder, config.placeholder_token)
+            result.embedding_path = save_learned_embedding(
+                output_dir, components.tokenizer, result.text_encoder, config.placeholder_token
+            )
         if config.finetune == "lora":
-            lora_path = save_unwrapped_lora(output_dir, parts, accelerator)
+            result.lora_path = save_unwrapped_lora(output_dir, components, accelerator)
         if config.validation_prompt:
-            validation_images = validate(config, parts, accelerator, global_step, tag="test")
-    result = TrainResult(output_dir, lora_path, history["losses"], history["lrs"], global_step, unet,
-                         text_encoder, validation_images)
+            result.validation_images = sample_validation_images(
+                config, components, accelerator, run.global_step, tag="test"
+            )
     if accelerator.is_main_process and config.finetune == "lora":
-        write_model_card(config, result, validation_images)
+        write_model_card(config, result, result.validation_images)
         if config.push_to_hub:
             from huggingface_hub import upload_folder
 
-            upload_folder(repo_id=config.hub_model_id or output_dir.name, folder_path=output_dir,
-                          ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"], token=config.hub_token)
+            upload_folder(
+                repo_id=config.hub_model_id or output_dir.name,
+                folder_path=output_dir,
+                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", LOCK_NAME],
+                token=config.hub_token,
+            )
     accelerator.end_training()
     return result
 
@@ -695,41 +913,15 @@ def train(config: TrainConfig, dataset: CaptionedImages | None = None) -> TrainR
 # ---------------------------------------------------------------- the command line
 
 
-def build_parser(config_class: type = TrainConfig, description: str | None = __doc__) -> argparse.ArgumentParser:
-    """One flag per config field, named as in diffusers (`--max_train_steps`, `--center_crop`, ...)."""
-    defaults = config_class()
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(config_class):
-        default = getattr(defaults, f.name)
-        flag = f"--{f.name}"
-        if f.type in ("bool", bool) or isinstance(default, bool) and f.name != "cache_latents":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "cache_latents":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name.endswith("target_modules"):
-            parser.add_argument(flag, nargs="+", default=default, help="module names, or one regex")
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" | ")[0], str)
-            parser.add_argument(flag, type=kind, default=default)
-    return parser
-
-
-def config_from_args(argv: list[str] | None = None, config_class: type = TrainConfig,
-                     description: str | None = __doc__) -> TrainConfig:
-    args = build_parser(config_class, description).parse_args(argv)
-    values = vars(args)
-    for key in ("target_modules", "text_encoder_target_modules"):
-        if len(values[key]) == 1 and set(values[key][0]) & set("*+?[](){}|^$\\"):
-            values[key] = values[key][0]  # one regex, matched in full as peft does
-    return config_class(**values)
-
-
-def main(argv: list[str] | None = None) -> None:
-    result = train(config_from_args(argv))
-    if result.lora_path.exists():
-        print(f"wrote {result.lora_path} ({result.lora_path.stat().st_size / 1e6:.2f} MB) after "
-              f"{result.global_step} steps; final loss {result.losses[-1]:.4f}")
+def main(config: TrainConfig | None = None) -> None:
+    """The command line; `config` is what it parsed (parsed here from sys.argv when None)."""
+    result = train(config or config_from_args(description=__doc__))
+    if result.lora_path and result.lora_path.exists():  # the main process saves it; the others print nothing
+        print(
+            f"wrote {result.lora_path} ({result.lora_path.stat().st_size / 1e6:.2f} MB) after "
+            f"{result.global_step} steps; final loss {result.losses[-1]:.4f}"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    main(COMMAND_LINE)

@@ -29,7 +29,9 @@ class CourseFigure(Figure):
 
 
 def _numpy(x) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    return (
+        x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    )
 
 
 def save_figure(fig: Figure, output_dir: str | Path, name: str) -> Path:
@@ -40,8 +42,13 @@ def save_figure(fig: Figure, output_dir: str | Path, name: str) -> Path:
     return path
 
 
-def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: int | None = None,
-               title: str | None = None, size: float = 1.8) -> Figure:
+def image_grid(
+    images: Sequence,
+    captions: Sequence[str] | None = None,
+    ncols: int | None = None,
+    title: str | None = None,
+    size: float = 1.8,
+) -> Figure:
     """Images (PIL, or HxWxC arrays) in a grid, one caption under each; pixels drawn unsmoothed."""
     if not images:
         raise ValueError("image_grid needs at least one image")
@@ -63,8 +70,9 @@ def image_grid(images: Sequence, captions: Sequence[str] | None = None, ncols: i
     return fig
 
 
-def spectrum_figure(spectra: Mapping[str, torch.Tensor], max_rank: int | None = None,
-                    title: str | None = None) -> Figure:
+def spectrum_figure(
+    spectra: Mapping[str, torch.Tensor], max_rank: int | None = None, title: str | None = None
+) -> Figure:
     """Singular values of several matrices: left, s_i / s_1; right, the energy share of the top r.
 
     The energy of the top r is sum_{i<=r} s_i^2 / sum_i s_i^2, the fraction of ||W||_F^2 that the best rank-r
@@ -89,23 +97,29 @@ def spectrum_figure(spectra: Mapping[str, torch.Tensor], max_rank: int | None = 
     return fig
 
 
-def reconstruction_error_figure(errors: Mapping[str, Sequence[float]], ranks: Sequence[int] | None = None,
-                                title: str | None = None) -> Figure:
+def reconstruction_error_figure(
+    errors: Mapping[str, Sequence[float]], ranks: Sequence[int] | None = None, title: str | None = None
+) -> Figure:
     """Relative error ||W - W_r||_F / ||W||_F of the best rank-r approximation, against r, per matrix."""
     fig = CourseFigure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()
     for label, err in errors.items():
         err = _numpy(err)
         ax.plot(ranks if ranks is not None else np.arange(1, len(err) + 1), err, marker=".", label=label)
-    ax.set(xlabel="rank r", ylabel="relative error", title=title or "reconstruction error of truncated SVD",
-           ylim=(0, 1.02))
+    ax.set(
+        xlabel="rank r",
+        ylabel="relative error",
+        title=title or "reconstruction error of truncated SVD",
+        ylim=(0, 1.02),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
 
-def layer_energy_figure(shares: Mapping[str, Sequence[float]], layers: Sequence[str], rank: int,
-                        title: str | None = None) -> Figure:
+def layer_energy_figure(
+    shares: Mapping[str, Sequence[float]], layers: Sequence[str], rank: int, title: str | None = None
+) -> Figure:
     """For every layer (x), the energy share of the top `rank` singular values (y), one series per matrix kind."""
     fig = CourseFigure(figsize=(max(6.0, 0.12 * len(layers)), 3.8), layout="constrained")
     ax = fig.subplots()
@@ -114,14 +128,19 @@ def layer_energy_figure(shares: Mapping[str, Sequence[float]], layers: Sequence[
         ax.plot(x, _numpy(values), linestyle="none", marker=marker, markersize=4, label=label)
     step = max(1, len(layers) // 24)  # at most ~24 names on the axis
     ax.set_xticks(x[::step], list(layers)[::step], rotation=90, fontsize=6)
-    ax.set(ylabel=f"energy share of the top {rank}", ylim=(0, 1.02), title=title or f"rank-{rank} energy per layer")
+    ax.set(
+        ylabel=f"energy share of the top {rank}",
+        ylim=(0, 1.02),
+        title=title or f"rank-{rank} energy per layer",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
 
-def parameter_count_figure(shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int],
-                           title: str | None = None) -> Figure:
+def parameter_count_figure(
+    shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int], title: str | None = None
+) -> Figure:
     """Parameters of a dense update d_out x d_in (dashed) against a LoRA pair B A, r (d_in + d_out) (solid)."""
     fig = CourseFigure(figsize=(8, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -129,15 +148,21 @@ def parameter_count_figure(shapes: Mapping[str, tuple[int, int]], ranks: Sequenc
     for (label, (d_out, d_in)), colour in zip(shapes.items(), _colours(len(shapes)), strict=True):
         ax.plot(ranks, ranks * (d_in + d_out), color=colour, marker=".", label=f"{label}: LoRA")
         ax.axhline(d_in * d_out, color=colour, linestyle="--", linewidth=1, label=f"{label}: dense")
-    ax.set(xlabel="rank r", ylabel="parameters", yscale="log", xscale="log",
-           title=title or "one layer's update: LoRA r(d_in+d_out) against dense d_out*d_in")
+    ax.set(
+        xlabel="rank r",
+        ylabel="parameters",
+        yscale="log",
+        xscale="log",
+        title=title or "one layer's update: LoRA r(d_in+d_out) against dense d_out*d_in",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: the lines fill it
     return fig
 
 
-def loss_figure(losses: Mapping[str, Sequence[float]] | Sequence[float], window: int = 10,
-                title: str | None = None) -> Figure:
+def loss_figure(
+    losses: Mapping[str, Sequence[float]] | Sequence[float], window: int = 10, title: str | None = None
+) -> Figure:
     """Training loss per step (faint) and its moving average over `window` steps (bold)."""
     curves = losses if isinstance(losses, Mapping) else {"loss": losses}
     fig = CourseFigure(figsize=(5.5, 3.4), layout="constrained")
@@ -148,7 +173,9 @@ def loss_figure(losses: Mapping[str, Sequence[float]] | Sequence[float], window:
         ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
         if len(values) >= window:  # the per-step loss of diffusion is noisy: the timestep is random
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-            ax.plot(steps[window - 1:], smooth, color=colour, linewidth=2, label=f"{label} ({window}-step mean)")
+            ax.plot(
+                steps[window - 1 :], smooth, color=colour, linewidth=2, label=f"{label} ({window}-step mean)"
+            )
         else:
             ax.plot(steps, values, color=colour, linewidth=2, label=label)
     ax.set(xlabel="step", ylabel="loss", title=title or "training loss")
@@ -157,8 +184,9 @@ def loss_figure(losses: Mapping[str, Sequence[float]] | Sequence[float], window:
     return fig
 
 
-def attention_figure(image, maps: Mapping[str, torch.Tensor], title: str | None = None, alpha: float = 0.6,
-                     size: float = 1.8) -> Figure:
+def attention_figure(
+    image, maps: Mapping[str, torch.Tensor], title: str | None = None, alpha: float = 0.6, size: float = 1.8
+) -> Figure:
     """The image, then one panel per label with its attention map (h x w) laid over the image.
 
     Each map is resized to the image (bilinear) and scaled to [0, 1] on its own: the panels show *where*
@@ -172,7 +200,9 @@ def attention_figure(image, maps: Mapping[str, torch.Tensor], title: str | None 
     axes[0].set_title("image", fontsize=8)
     for ax, (label, amap) in zip(axes[1:], maps.items(), strict=True):
         amap = torch.as_tensor(_numpy(amap))[None, None]  # (1, 1, h, w)
-        amap = torch.nn.functional.interpolate(amap, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        amap = torch.nn.functional.interpolate(
+            amap, size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0]
         amap = (amap - amap.min()) / (amap.max() - amap.min()).clamp_min(1e-12)
         ax.imshow(rgb.mean(-1), cmap="gray", interpolation="nearest")  # grey image: the colour is the map
         ax.imshow(amap.numpy(), cmap="jet", alpha=alpha, interpolation="bilinear")
@@ -203,8 +233,11 @@ def rank_sweep_figure(rows: Sequence[Mapping], x: str = "params", title: str | N
     per target set, each point labelled with its rank; a full fine-tune is a star with a dotted line at its
     loss; the base model (no adapter) is a dashed line.
     """
-    xlabels = {"params": "trainable parameters", "fp32_bytes": "file size, fp32 (bytes)",
-               "fp16_bytes": "file size, fp16 (bytes)"}
+    xlabels = {
+        "params": "trainable parameters",
+        "fp32_bytes": "file size, fp32 (bytes)",
+        "fp16_bytes": "file size, fp16 (bytes)",
+    }
     fig = CourseFigure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
     lora = [r for r in rows if r["method"] == "lora"]
@@ -213,25 +246,53 @@ def rank_sweep_figure(rows: Sequence[Mapping], x: str = "params", title: str | N
         runs = sorted((r for r in lora if r["targets"] == name), key=lambda r: r[x])
         ax.plot([r[x] for r in runs], [r["heldout_loss"] for r in runs], color=colour, marker="o", label=name)
         for r in runs:
-            ax.annotate(f"r{r['rank']}", (r[x], r["heldout_loss"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7, color=colour)
+            ax.annotate(
+                f"r{r['rank']}",
+                (r[x], r["heldout_loss"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=colour,
+            )
     for r in rows:
         if r["method"] == "full":
-            ax.plot([r[x]], [r["heldout_loss"]], color="black", marker="*", markersize=12, linestyle="none",
-                    label=r["targets"])
+            ax.plot(
+                [r[x]],
+                [r["heldout_loss"]],
+                color="black",
+                marker="*",
+                markersize=12,
+                linestyle="none",
+                label=r["targets"],
+            )
             ax.axhline(r["heldout_loss"], color="black", linestyle=":", linewidth=1)
         elif r["method"] == "base":
-            ax.axhline(r["heldout_loss"], color="gray", linestyle="--", linewidth=1.2, label="base model (no adapter)")
-    ax.set(xscale="log", xlabel=xlabels.get(x, x), ylabel="held-out denoising loss",
-           title=title or "held-out loss against adapter size")
+            ax.axhline(
+                r["heldout_loss"],
+                color="gray",
+                linestyle="--",
+                linewidth=1.2,
+                label="base model (no adapter)",
+            )
+    ax.set(
+        xscale="log",
+        xlabel=xlabels.get(x, x),
+        ylabel="held-out denoising loss",
+        title=title or "held-out loss against adapter size",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     return fig
 
 
-def size_bars_figure(labels: Sequence[str], sizes: Mapping[str, Sequence[float]], unit: str = "MB",
-                     references: Mapping[str, float] | None = None, log: bool = True,
-                     title: str | None = None) -> Figure:
+def size_bars_figure(
+    labels: Sequence[str],
+    sizes: Mapping[str, Sequence[float]],
+    unit: str = "MB",
+    references: Mapping[str, float] | None = None,
+    log: bool = True,
+    title: str | None = None,
+) -> Figure:
     """Grouped bars: for each label, one bar per series in `sizes` (e.g. "fp32", "fp16"), each bar labelled
     with its value; `references` (e.g. {"UNet, fp32": 6.8}) are dashed horizontal lines."""
     for name, values in sizes.items():
@@ -244,8 +305,9 @@ def size_bars_figure(labels: Sequence[str], sizes: Mapping[str, Sequence[float]]
     for i, ((name, values), colour) in enumerate(zip(sizes.items(), _colours(len(sizes)), strict=True)):
         bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, _numpy(values), width, color=colour, label=name)
         ax.bar_label(bars, fmt="{:.3g}", fontsize=6, padding=1)
-    for (name, value), colour in zip((references or {}).items(), _colours(len(references or {}))[::-1],
-                                     strict=True):
+    for (name, value), colour in zip(
+        (references or {}).items(), _colours(len(references or {}))[::-1], strict=True
+    ):
         ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=name)
     ax.set_xticks(x, list(labels), rotation=30, ha="right", fontsize=8)
     ax.set(ylabel=unit, title=title or "sizes", yscale="log" if log else "linear")

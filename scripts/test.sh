@@ -14,4 +14,7 @@ if ! command -v chromium > /dev/null 2>&1; then
 fi
 # Offline by design: the embedded default needs no hub, and a stray download should fail fast.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Lint and format first: seconds, and a red line here is cheaper than after the notebooks.
+.venv/bin/ruff check lora_nb tests benchmarks scripts
+.venv/bin/ruff format --check lora_nb tests benchmarks scripts
 exec .venv/bin/python -m pytest "$@"

@@ -20,6 +20,7 @@ def pytest_collection_modifyitems(items):
     """The notebooks first: the longest tests started early, and work-stealing, keep both workers busy to the end."""
     items.sort(key=lambda item: item.module.__name__ != "test_notebooks")
 
+
 TEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
 MAX_TOKENS = 16
 
@@ -78,7 +79,11 @@ def text_encoder() -> CLIPTextModel:
 def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latents, timestep, text embeddings) for one forward pass of the small UNet."""
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, TEXT_DIM, generator=g)
+    return (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([10, 500]),
+        torch.randn(2, 5, TEXT_DIM, generator=g),
+    )
 
 
 @pytest.fixture

@@ -58,8 +58,16 @@ def test_attention_table_has_a_row_per_layer(unet):
 def test_token_indices_one_token_per_word():
     tokenizer = build_tokenizer()  # the tiny model's: one token per known word
     prompt = "a red circle on the left"
-    assert prompt_tokens(tokenizer, prompt) == ["<|startoftext|>", "a", "red", "circle", "on", "the", "left",
-                                                 "<|endoftext|>"]
+    assert prompt_tokens(tokenizer, prompt) == [
+        "<|startoftext|>",
+        "a",
+        "red",
+        "circle",
+        "on",
+        "the",
+        "left",
+        "<|endoftext|>",
+    ]
     assert token_indices(tokenizer, prompt, "circle") == [3]
     assert token_indices(tokenizer, prompt, "left") == [6]
 
@@ -169,14 +177,17 @@ def test_cross_attention_maps_keeps_the_prompt_half(pipeline_factory):
     """Under classifier-free guidance the UNet sees [empty prompt, prompt]; the maps must be the prompt's."""
     pipe = pipeline_factory()
     pipe.set_progress_bar_config(disable=True)
-    result = cross_attention_maps(pipe, "a cab", num_inference_steps=1, output_type="np",
-                                  generator=torch.Generator().manual_seed(0))
+    result = cross_attention_maps(
+        pipe, "a cab", num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0)
+    )
     # The same single UNet call by hand: both halves captured.
     prompt_embeds, negative_embeds = pipe.encode_prompt("a cab", "cpu", 1, True)
     pipe.scheduler.set_timesteps(1)
     latents = pipe.prepare_latents(1, 4, 8, 8, prompt_embeds.dtype, "cpu", torch.Generator().manual_seed(0))
     with torch.no_grad(), capture_cross_attention(pipe.unet, (8, 8)) as store:
-        pipe.unet(torch.cat([latents] * 2), pipe.scheduler.timesteps[0], torch.cat([negative_embeds, prompt_embeds]))
+        pipe.unet(
+            torch.cat([latents] * 2), pipe.scheduler.timesteps[0], torch.cat([negative_embeds, prompt_embeds])
+        )
     both = store.mean()
     torch.testing.assert_close(result.maps[0], both[1])
     assert not torch.allclose(result.maps[0], both[0])

@@ -5,7 +5,6 @@ lora_nb.convert), and where they exist diffusers' and peft's own writers and loa
 """
 
 import json
-import pickle
 import re
 
 import pytest
@@ -28,13 +27,12 @@ from test_formats import (
 from lora_nb.convert import FORMATS, detect_format, to_kohya
 from lora_nb.formats import (
     WEIGHT_NAME,
-    LoraFile,
+    LoraAdapter,
     export_kohya,
     load_lora_weights,
     lora_config,
     lora_state_dict,
     read_lora,
-    read_lora_file,
     save_lora_weights,
 )
 from lora_nb.inject import UNET_ATTENTION, inject_lora, lora_layers
@@ -227,7 +225,7 @@ def test_diffusers_0_42_loads_attn_procs_only_through_the_unet(pipeline_factory,
     unet = unet_with_alpha_equal_rank()
     state = as_attn_procs(lora_state_dict(unet, "unet"))
     fresh = make_unet()
-    load_lora_weights(LoraFile.from_state_dict(state), unet=fresh)
+    load_lora_weights(LoraAdapter.from_state_dict(state), unet=fresh)
 
     pipe = pipeline_factory()
     base = run_unet(pipe.unet, unet_inputs)
@@ -245,7 +243,9 @@ def test_diffusers_0_42_loads_attn_procs_only_through_the_unet(pipeline_factory,
 def test_a_folder_with_only_the_blogs_pickle_loads(tmp_path, unet_inputs):
     unet = unet_with_alpha_equal_rank()
     torch.save(as_attn_procs(lora_state_dict(unet, "unet")), tmp_path / "pytorch_lora_weights.bin")
-    tensors, metadata = read_lora_file(tmp_path)  # the old two-value reader still answers
+    lora = read_lora(tmp_path)
+    tensors, metadata = lora.tensors, lora.metadata
+    assert lora.format == "attn_procs"
     assert metadata == {} and tensors.keys() == lora_state_dict(unet, "unet").keys()
     fresh = make_unet()
     load_lora_weights(tmp_path, unet=fresh)
@@ -271,7 +271,12 @@ def test_a_pickle_holding_anything_but_tensors_is_refused_unopened(tmp_path):
     )
     fresh = make_unet()
     before = snapshot(fresh)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    # The refusal says why (and what the file names), and how to get a safetensors file instead.
+    with pytest.raises(
+        ValueError,
+        match=r"pytorch_lora_weights\.bin: refused\. .*\(it names \S+\), .*run code"
+        r".*\.safetensors",
+    ):
         load_lora_weights(tmp_path, unet=fresh)
     assert not marker.exists()
     assert_untouched(fresh, before)
@@ -338,7 +343,7 @@ def minority_alpha_on_attention() -> torch.nn.Module:
 def test_a_kohya_alpha_on_attention_layers_is_honoured(unet_inputs):
     unet = minority_alpha_on_attention()
     fresh = make_unet()
-    load_lora_weights(LoraFile.from_state_dict(as_kohya(unet)), unet=fresh)
+    load_lora_weights(LoraAdapter.from_state_dict(as_kohya(unet)), unet=fresh)
     assert {n: m.alpha for n, m in lora_layers(fresh).items()} == {
         n: m.alpha for n, m in lora_layers(unet).items()
     }
@@ -383,7 +388,7 @@ def test_kohya_modules_lora_nb_cannot_place_are_all_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"(?s)lora_te2_.*SDXL.*hada_w1_a: not LoRA.*2 LoRA keys cannot be placed"
     ):
-        export_kohya(LoraFile.from_state_dict(state), tmp_path / "x.safetensors")
+        export_kohya(LoraAdapter.from_state_dict(state), tmp_path / "x.safetensors")
 
     unknown = {
         **as_kohya(unet),
@@ -401,7 +406,7 @@ def test_kohya_modules_lora_nb_cannot_place_are_all_named(tmp_path):
 
 @pytest.mark.parametrize("layout", ["kohya", "attn_procs"])
 def test_load_lora_pipeline_takes_any_layout(tmp_path, layout, pipeline_factory, unet_inputs):
-    """inference.load_lora_pipeline reads through formats.read_lora_file and load_lora_weights, unchanged."""
+    """inference.load_lora_pipeline reads through formats.read_lora and load_lora_weights, unchanged."""
     from lora_nb.inference import load_lora_pipeline
 
     pipeline_factory().save_pretrained(tmp_path / "base")
@@ -428,8 +433,12 @@ def test_each_layout_draws_the_same_image_on_the_embedded_pipeline(tmp_path, lay
     path = write_layout(tmp_path / layout, layout, source.unet, None)
 
     def draw(pipe):
-        return pipe("a red circle", num_inference_steps=4, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            "a red circle",
+            num_inference_steps=4,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
 
     loaded = load_lora_pipeline(path, base_model=str(TINY_SD_PATH))
     assert np.abs(draw(loaded) - draw(source)).max() < 1e-6

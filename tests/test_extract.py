@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from lora_nb.extract import extract_lora, resize_lora
-from lora_nb.formats import load_lora_state_dict, load_lora_weights, read_lora_file, save_lora_weights
+from lora_nb.formats import load_lora_state_dict, load_lora_weights, read_lora, save_lora_weights
 from lora_nb.inject import (
     TEXT_ENCODER_ATTENTION,
     UNET_ATTENTION,
@@ -132,7 +132,8 @@ def trained(rank: int, alpha: float, mixed: bool = False, seed: int = 0):
 
 def test_resizing_keeps_the_top_singular_directions(tmp_path):
     unet, text_encoder = trained(rank=8, alpha=16)
-    tensors, metadata = read_lora_file(save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder))
+    lora = read_lora(save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder))
+    tensors, metadata = lora.tensors, lora.metadata
     state, report = resize_lora(tensors, rank=4, metadata=metadata)
     assert state.keys() == tensors.keys()  # text_encoder. keys kept
     assert report.keys() == {k.removesuffix(".lora_A.weight") for k in tensors if k.endswith("A.weight")}
@@ -162,7 +163,8 @@ def test_round_trip_at_full_rank_honours_alpha(tmp_path, mixed, unet_inputs, tok
     """alpha = 16 at r = 8 (scaling 2; mixed: also rank 2 / alpha 1 layers): resizing to 8 changes nothing."""
     unet, text_encoder = trained(rank=8, alpha=16, mixed=mixed)
     expected = run(unet, unet_inputs), run(text_encoder, token_ids)
-    tensors, metadata = read_lora_file(save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder))
+    lora = read_lora(save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder))
+    tensors, metadata = lora.tensors, lora.metadata
     state, report = resize_lora(tensors, rank=8, metadata=metadata)
     assert max(report.values()) < 1e-5
     assert {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")} == {
@@ -190,5 +192,5 @@ def test_round_trip_at_full_rank_honours_alpha(tmp_path, mixed, unet_inputs, tok
 def test_resize_names_bad_keys():
     with pytest.raises(ValueError, match="unet.x.lora.down.weight: not a LoRA factor"):
         resize_lora({"unet.x.lora.down.weight": torch.zeros(2, 3)}, 1)
-    with pytest.raises(ValueError, match="unet.x: the state dict has lora_A but not its partner"):
+    with pytest.raises(ValueError, match="unet.x.lora_A.weight: no lora_B for unet.x"):
         resize_lora({"unet.x.lora_A.weight": torch.zeros(2, 3)}, 1)

@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 import safetensors
@@ -12,14 +13,12 @@ from torch import nn
 from lora_nb.formats import (
     METADATA_KEY,
     WEIGHT_NAME,
-    LoraFile,
+    LoraAdapter,
     load_lora_state_dict,
     load_lora_weights,
     lora_config,
     lora_state_dict,
     read_lora,
-    read_lora_file,
-    save_lora_file,
     save_lora_weights,
 )
 from lora_nb.inject import (
@@ -61,8 +60,12 @@ def test_keys_shapes_and_metadata(tmp_path):
     unet, text_encoder = trained_pair()
     path = save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder)
     assert path == tmp_path / WEIGHT_NAME
-    tensors, config = read_lora_file(tmp_path)
-    assert tensors.keys() == {**lora_state_dict(unet, "unet"), **lora_state_dict(text_encoder, "text_encoder")}.keys()
+    lora = read_lora(tmp_path)
+    tensors, config = lora.tensors, lora.metadata
+    assert (
+        tensors.keys()
+        == {**lora_state_dict(unet, "unet"), **lora_state_dict(text_encoder, "text_encoder")}.keys()
+    )
     q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
     assert tensors[f"{q}.lora_A.weight"].shape == (4, 32)  # A: (r, d_in)
     assert tensors[f"{q}.lora_B.weight"].shape == (32, 4)  # B: (d_out, r)
@@ -73,7 +76,9 @@ def test_keys_shapes_and_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed-rank-and-alpha"])
-def test_diffusers_loads_our_file_to_the_same_outputs(tmp_path, mixed, pipeline_factory, unet_inputs, token_ids):
+def test_diffusers_loads_our_file_to_the_same_outputs(
+    tmp_path, mixed, pipeline_factory, unet_inputs, token_ids
+):
     """The ecosystem contract: StableDiffusionPipeline.load_lora_weights reads what we save, alpha included."""
     unet, text_encoder = trained_pair(mixed)
     ours = outputs(unet, text_encoder, unet_inputs, token_ids)
@@ -92,7 +97,9 @@ def test_our_loader_reads_our_file_back_exactly(tmp_path, unet_inputs, token_ids
     unet, text_encoder = trained_pair(mixed=True)
     save_lora_weights(tmp_path / "lora.safetensors", unet=unet, text_encoder=text_encoder)
     fresh_unet, fresh_text_encoder = make_unet(), make_text_encoder()
-    loaded = load_lora_weights(tmp_path / "lora.safetensors", unet=fresh_unet, text_encoder=fresh_text_encoder)
+    loaded = load_lora_weights(
+        tmp_path / "lora.safetensors", unet=fresh_unet, text_encoder=fresh_text_encoder
+    )
     assert sorted(loaded["unet"]) == sorted(lora_layers(unet))
     assert sorted(loaded["text_encoder"]) == sorted(lora_layers(text_encoder))
     assert {n: (m.rank, m.alpha) for n, m in lora_layers(fresh_unet).items()} == {
@@ -146,8 +153,13 @@ def test_diffusers_0_17_processor_spellings_load(unet_inputs, token_ids):
     """diffusers 0.17 pipelines saved "unet."/"text_encoder." + the attention processors' names."""
     unet, text_encoder = trained_pair()
     tensors = {**lora_state_dict(unet, "unet"), **lora_state_dict(text_encoder, "text_encoder")}
-    processor = {"to_out.0": "to_out", "q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v",
-                 "out_proj": "to_out"}
+    processor = {
+        "to_out.0": "to_out",
+        "q_proj": "to_q",
+        "k_proj": "to_k",
+        "v_proj": "to_v",
+        "out_proj": "to_out",
+    }
     old = {}
     for key, tensor in tensors.items():
         parent, proj, factor = re.fullmatch(r"(.*?)\.(to_out\.0|\w+)\.lora_([AB])\.weight", key).groups()
@@ -156,7 +168,7 @@ def test_diffusers_0_17_processor_spellings_load(unet_inputs, token_ids):
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight" in old
     assert "text_encoder.encoder.layers.0.self_attn.to_q_lora.down.weight" in old
 
-    lora = LoraFile.from_state_dict(old, {"unet.lora_alpha": 8, "text_encoder.lora_alpha": 8})
+    lora = LoraAdapter.from_state_dict(old, {"unet.lora_alpha": 8, "text_encoder.lora_alpha": 8})
     assert lora.format == "diffusers" and lora.tensors.keys() == tensors.keys()
     fresh_unet, fresh_text_encoder = make_unet(), make_text_encoder()
     load_lora_weights(lora, unet=fresh_unet, text_encoder=fresh_text_encoder)
@@ -164,14 +176,14 @@ def test_diffusers_0_17_processor_spellings_load(unet_inputs, token_ids):
     assert all(torch.equal(a, b) for a, b in zip(got, outputs(unet, text_encoder, unet_inputs, token_ids)))
 
 
-def test_read_lora_reports_the_layout_and_save_lora_file_writes_it_back(tmp_path):
+def test_read_lora_reports_the_layout_and_save_lora_weights_writes_it_back(tmp_path):
     unet, text_encoder = trained_pair(mixed=True)
     path = save_lora_weights(tmp_path / "a", unet=unet, text_encoder=text_encoder)
     lora = read_lora(tmp_path / "a")
     assert (lora.format, lora.path) == ("diffusers", path)
-    tensors, metadata = read_lora_file(path)  # the two-value reader of earlier callers
-    assert metadata == lora.metadata and tensors.keys() == lora.tensors.keys()
-    again = read_lora(save_lora_file(tmp_path / "b.safetensors", lora))
+    direct = read_lora(path)  # the file itself, not its folder
+    assert direct.metadata == lora.metadata and direct.tensors.keys() == lora.tensors.keys()
+    again = read_lora(save_lora_weights(tmp_path / "b.safetensors", adapter=lora))
     assert again.metadata == lora.metadata and again.tensors.keys() == lora.tensors.keys()
     assert all(torch.equal(again.tensors[k], v) for k, v in lora.tensors.items())
 
@@ -191,7 +203,9 @@ def test_an_adapter_for_another_model_is_refused_naming_the_first_bad_key(tmp_pa
     source = UNet2DConditionModel.from_config({**make_unet().config, "cross_attention_dim": 16})
     inject_lora(source, UNET_ATTENTION, rank=4)
     save_lora_weights(tmp_path, unet=source)
-    first_bad = next(k for k in read_lora_file(tmp_path)[0] if ".attn2.to_k.lora_A" in k or ".attn2.to_v.lora_A" in k)
+    first_bad = next(
+        k for k in read_lora(tmp_path).tensors if ".attn2.to_k.lora_A" in k or ".attn2.to_v.lora_A" in k
+    )
 
     unet = make_unet()
     before = snapshot(unet)
@@ -212,9 +226,12 @@ Z = "unet.down_blocks.0.attentions.0.to_z"
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({f"{Z}.lora_A.weight": torch.zeros(4, 32), f"{Z}.lora_B.weight": torch.zeros(32, 4)}, f"'{Z[5:]}' is not"),
+        (
+            {f"{Z}.lora_A.weight": torch.zeros(4, 32), f"{Z}.lora_B.weight": torch.zeros(32, 4)},
+            f"'{Z[5:]}' is not",
+        ),
         ({f"{K}.alpha": torch.tensor(8.0)}, r"to_k\.alpha: not a LoRA factor"),  # diffusers refuses these too
-        ({f"{K}.lora_A.weight": torch.zeros(4, 32)}, r"to_k\.lora_A\.weight: the file has no lora_B"),
+        ({f"{K}.lora_A.weight": torch.zeros(4, 32)}, r"to_k\.lora_A\.weight: no lora_B"),
     ],
     ids=["unknown-module", "stray-key", "missing-partner"],
 )
@@ -253,12 +270,13 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
     path = save_lora_weights(tmp_path, unet=unet)
     good = path.read_bytes()
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"half a file")
+    real_write = Path.write_bytes
+
+    def crash(self, data):
+        real_write(self, data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         save_lora_weights(tmp_path, unet=unet)
     assert path.read_bytes() == good  # the previous file survives, untouched

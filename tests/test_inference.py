@@ -13,7 +13,9 @@ PROMPT = "a red circle"
 
 
 def draw(pipe, steps=4):
-    return pipe(PROMPT, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        PROMPT, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def adapter_dir(tmp_path_factory):
             torch.nn.init.normal_(p, std=0.05)
     save_lora_weights(folder, unet=pipe.unet)
     ModelCard(f"---\n{ModelCardData(base_model=str(TINY_SD_PATH)).to_yaml()}\n---\n# test adapter\n").save(
-        folder / "README.md")
+        folder / "README.md"
+    )
     return folder
 
 
@@ -55,7 +58,9 @@ def test_a_local_base_named_relative_to_the_adapter_is_found(tmp_path, adapter_d
 
     moved = tmp_path / "elsewhere" / "adapter"
     moved.mkdir(parents=True)
-    (moved / "pytorch_lora_weights.safetensors").write_bytes((adapter_dir / "pytorch_lora_weights.safetensors").read_bytes())
+    (moved / "pytorch_lora_weights.safetensors").write_bytes(
+        (adapter_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    )
     relative = os.path.relpath(TINY_SD_PATH, moved)
     ModelCard(f"---\n{ModelCardData(base_model=relative).to_yaml()}\n---\n").save(moved / "README.md")
     assert load_lora_pipeline(moved).lora.base_model == str(TINY_SD_PATH.resolve())

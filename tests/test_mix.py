@@ -8,10 +8,9 @@ from test_convert import as_kohya
 from test_formats import outputs, randomize_lora, run_unet
 
 from lora_nb.formats import (
-    LoraFile,
+    LoraAdapter,
     load_lora_weights,
     read_lora,
-    save_lora_file,
     save_lora_weights,
 )
 from lora_nb.inject import (
@@ -58,7 +57,7 @@ def with_deltas(model, *weighted):
     return model
 
 
-def make_and_load(lora: LoraFile):
+def make_and_load(lora: LoraAdapter):
     unet, text_encoder = make_unet(), make_text_encoder()
     has_text = any(k.startswith("text_encoder.") for k in lora.tensors)
     load_lora_weights(lora, unet=unet, text_encoder=text_encoder if has_text else None)
@@ -105,7 +104,7 @@ def test_diffusers_loads_the_saved_mix_and_agrees(
 ):
     _, files = adapters
     mix = mix_loras(files, [W1, W2])
-    save_lora_file(tmp_path / "mix", mix)
+    save_lora_weights(tmp_path / "mix", adapter=mix)
     assert read_lora(tmp_path / "mix").metadata["unet.rank_pattern"]  # ranks 6 and 3: a pattern is needed
     ours = outputs(*make_and_load(mix), unet_inputs, token_ids)
     pipe = pipeline_factory()
@@ -133,7 +132,7 @@ def test_mixing_refuses_mismatched_inputs(adapters):
     with pytest.raises(ValueError, match="every weight is 0"):
         mix_loras(files, [0, 0])
     # to_q for a model whose to_q reads 64 features, not 32
-    other = LoraFile(
+    other = LoraAdapter(
         {
             f"unet.{UNET_Q}.lora_A.weight": torch.zeros(2, 64),
             f"unet.{UNET_Q}.lora_B.weight": torch.zeros(32, 2),

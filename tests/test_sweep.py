@@ -8,7 +8,7 @@ from PIL import Image
 
 from lora_nb.data import load_captioned_dataset
 from lora_nb.evaluate import HeldOut
-from lora_nb.formats import read_lora_file
+from lora_nb.formats import read_lora
 from lora_nb.inference import load_base_pipeline
 from lora_nb.sizes import adapter_size
 from lora_nb.sweep import BASE, format_bytes, meta_parts, run_label, run_sweep, sweep_table
@@ -16,19 +16,37 @@ from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 
 CREATURES = TINY_SD_PATH.parent / "creatures"
-TINY = {"max_train_steps": 2, "train_batch_size": 2, "max_train_samples": 4, "heldout": 2, "heldout_repeats": 1,
-        "num_inference_steps": 2, "verbose": False}
+TINY = {
+    "max_train_steps": 2,
+    "train_batch_size": 2,
+    "max_train_samples": 4,
+    "heldout": 2,
+    "heldout_repeats": 1,
+    "num_inference_steps": 2,
+    "verbose": False,
+}
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    return run_sweep(TINY_SD_PATH, CREATURES, {"attention+text encoder": [1], "attention": [1, 2]},
-                     full_finetune="cross-attention", output_dir=tmp_path_factory.mktemp("sweep"), **TINY)
+    return run_sweep(
+        TINY_SD_PATH,
+        CREATURES,
+        {"attention+text encoder": [1], "attention": [1, 2]},
+        full_finetune="cross-attention",
+        output_dir=tmp_path_factory.mktemp("sweep"),
+        **TINY,
+    )
 
 
 def test_one_row_per_run_base_first_reference_last(rows):
-    assert [run_label(r) for r in rows] == ["base model", "attention+text encoder r1", "attention r1",
-                                            "attention r2", "cross-attention (full)"]
+    assert [run_label(r) for r in rows] == [
+        "base model",
+        "attention+text encoder r1",
+        "attention r1",
+        "attention r2",
+        "cross-attention (full)",
+    ]
     assert [r["method"] for r in rows] == ["base", "lora", "lora", "lora", "full"]
     assert all(isinstance(r["image"], Image.Image) and r["image"].size == (32, 32) for r in rows)
     assert all(r["heldout_loss"] > 0 for r in rows)
@@ -56,8 +74,11 @@ def test_file_sizes_are_exact_at_fp32_and_fp16(rows, tmp_path):
 def test_the_full_reference_counts_its_layers_dense(rows):
     full = rows[-1]
     unet = meta_parts(TINY_SD_PATH, "cross-attention")["unet"][0]
-    layers = [m for name, m in unet.named_modules() if name.endswith(("attn2.to_q", "attn2.to_k", "attn2.to_v",
-                                                                        "attn2.to_out.0"))]
+    layers = [
+        m
+        for name, m in unet.named_modules()
+        if name.endswith(("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"))
+    ]
     assert full["layers"] == len(layers) == 28
     assert full["params"] == sum(p.numel() for m in layers for p in m.parameters())
     assert (full["fp32_bytes"], full["fp16_bytes"]) == (4 * full["params"], 2 * full["params"])
@@ -65,7 +86,9 @@ def test_the_full_reference_counts_its_layers_dense(rows):
 
 def test_each_run_is_measured_on_the_unchanged_base(rows, tmp_path):
     """A run measures the same whether other adapters (text encoder LoRA included) were on the pipeline before."""
-    alone = run_sweep(TINY_SD_PATH, CREATURES, {"attention": [1]}, full_finetune=None, output_dir=tmp_path, **TINY)
+    alone = run_sweep(
+        TINY_SD_PATH, CREATURES, {"attention": [1]}, full_finetune=None, output_dir=tmp_path, **TINY
+    )
     assert [r["method"] for r in alone] == ["base", "lora"]
     assert alone[0]["heldout_loss"] == rows[0]["heldout_loss"]
     assert alone[1]["heldout_loss"] == pytest.approx(rows[2]["heldout_loss"], rel=1e-6)
@@ -74,11 +97,25 @@ def test_each_run_is_measured_on_the_unchanged_base(rows, tmp_path):
 
 def test_a_sweep_run_is_the_adapter_train_makes_alone(rows, tmp_path):
     """Latents and text embeddings reused from earlier runs change nothing: the same factors, bit for bit."""
-    alone = train(TrainConfig(train_data_dir=str(CREATURES), max_train_samples=4, center_crop=True,
-                              random_flip=True, train_batch_size=2, max_train_steps=2, learning_rate=1e-3, rank=2,
-                              seed=0, output_dir=str(tmp_path), show_progress=False, checkpointing_steps=0))
-    ours, _ = read_lora_file(rows[3]["path"])
-    theirs, _ = read_lora_file(alone.lora_path)
+    alone = train(
+        TrainConfig(
+            str(TINY_SD_PATH),
+            train_data_dir=str(CREATURES),
+            max_train_samples=4,
+            center_crop=True,
+            random_flip=True,
+            train_batch_size=2,
+            max_train_steps=2,
+            learning_rate=1e-3,
+            rank=2,
+            seed=0,
+            output_dir=str(tmp_path),
+            show_progress=False,
+            checkpointing_steps=0,
+        )
+    )
+    ours = read_lora(rows[3]["path"]).tensors
+    theirs = read_lora(alone.lora_path).tensors
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -98,12 +135,15 @@ def test_table_has_a_line_per_run(rows):
     assert "%" in table[3] and "%" not in table[2]  # the change from the base model
 
 
-@pytest.mark.parametrize(("ranks", "overrides", "message"), [
-    ({"everything": [4]}, {}, "unknown target set"),
-    ({"attention": [4]}, {"full_finetune": "nope"}, "unknown target set"),
-    ({"attention": [0]}, {}, "positive"),
-    ({"attention": [4]}, {"heldout": 300}, "heldout=300"),
-])
+@pytest.mark.parametrize(
+    ("ranks", "overrides", "message"),
+    [
+        ({"everything": [4]}, {}, "unknown target set"),
+        ({"attention": [4]}, {"full_finetune": "nope"}, "unknown target set"),
+        ({"attention": [0]}, {}, "positive"),
+        ({"attention": [4]}, {"heldout": 300}, "heldout=300"),
+    ],
+)
 def test_bad_settings_fail_before_training(tmp_path, ranks, overrides, message):
     with pytest.raises(ValueError, match=message):
         run_sweep(TINY_SD_PATH, CREATURES, ranks, output_dir=tmp_path, **{**TINY, **overrides})
@@ -118,4 +158,9 @@ def test_meta_parts_read_configs_only():
 
 
 def test_format_bytes():
-    assert [format_bytes(n) for n in (512, 47_920, 3_229_000, 3.44e9)] == ["512 B", "47.9 kB", "3.23 MB", "3.44 GB"]
+    assert [format_bytes(n) for n in (512, 47_920, 3_229_000, 3.44e9)] == [
+        "512 B",
+        "47.9 kB",
+        "3.23 MB",
+        "3.44 GB",
+    ]

@@ -47,7 +47,9 @@ def test_shipped_sets_have_the_documented_sizes():
 
 
 def test_fixed_attributes_are_drawn_and_captioned():
-    sample = draw_shape_sample(7, colour="red", shape="circle", position="left", background="white", size="small")
+    sample = draw_shape_sample(
+        7, colour="red", shape="circle", position="left", background="white", size="small"
+    )
     assert sample.caption == "a small red circle on the left on a white background"
     assert dominant_colour(sample.image) == "red"
 
@@ -60,7 +62,9 @@ def test_caption_dropout_keeps_the_sentence_well_formed():
     captions = {shape_caption(attributes, rng) for _ in range(200)}
     assert len(captions) > 4
     assert all(c.startswith("a ") and "  " not in c for c in captions)
-    assert any(attributes["colour"] in c for c in captions) and any(attributes["colour"] not in c for c in captions)
+    assert any(attributes["colour"] in c for c in captions) and any(
+        attributes["colour"] not in c for c in captions
+    )
 
 
 def test_every_colour_is_recognised_on_every_background():

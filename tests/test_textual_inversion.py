@@ -29,11 +29,14 @@ def test_new_word_starts_at_its_initializer_and_is_one_token(parts):
     assert nearest_words(tokenizer, text_encoder, table[token_id], k=1)[0][0] == "star"
 
 
-@pytest.mark.parametrize("token, initializer, message", [
-    ("star", "circle", "'star' already exists"),
-    ("<toy>", "zebra", "initializer_token 'zebra' must be one token"),
-    ("<toy>", None, "needs an initializer_token"),
-])
+@pytest.mark.parametrize(
+    "token, initializer, message",
+    [
+        ("star", "circle", "'star' already exists"),
+        ("<toy>", "zebra", "initializer_token 'zebra' must be one token"),
+        ("<toy>", None, "needs an initializer_token"),
+    ],
+)
 def test_bad_words_are_refused_and_nothing_changes(parts, token, initializer, message):
     tokenizer, text_encoder = parts
     size = len(tokenizer)

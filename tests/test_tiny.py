@@ -59,8 +59,11 @@ def test_shipped_size_is_small():
 
 
 def test_draws_a_non_degenerate_image(pipe):
-    image = pipe("a large red circle on a white background", num_inference_steps=25,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "a large red circle on a white background",
+        num_inference_steps=25,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     array = np.asarray(image, dtype=np.float32)
     assert image.size == (32, 32) and array.std() > 10  # not a flat or blank picture
     assert 0.02 < foreground_mask(image).mean() < 0.9  # something stands out from the background

@@ -12,8 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from lora_nb.data import DataError
-from lora_nb.formats import WEIGHT_NAME, read_lora_file
+from lora_nb.data import CaptionedImages, DataError
+from lora_nb.formats import WEIGHT_NAME, read_lora
 from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, TrainingDiverged, config_from_args, train
 
@@ -24,17 +24,34 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def small(tmp_path, **overrides) -> TrainConfig:
-    settings = {"train_data_dir": str(CREATURES), "max_train_samples": 8, "center_crop": True,
-                "train_batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-3,
-                "output_dir": str(tmp_path / "out"), "seed": 0, "show_progress": False, "checkpointing_steps": 0}
+    settings = {
+        "pretrained_model_name_or_path": str(TINY_SD_PATH),
+        "train_data_dir": str(CREATURES),
+        "max_train_samples": 8,
+        "center_crop": True,
+        "train_batch_size": 2,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "output_dir": str(tmp_path / "out"),
+        "seed": 0,
+        "show_progress": False,
+        "checkpointing_steps": 0,
+    }
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
 def run_cli(args, cwd, extra_env=None, launcher=(sys.executable, "-m")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    done = subprocess.run([*launcher, "lora_nb.train", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+        [*launcher, "lora_nb.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -60,7 +77,9 @@ def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
     assert len(list((out / "validation").glob("*.png"))) == 1
 
     card = (out / "README.md").read_text()
-    assert f"base_model: {os.path.relpath(TINY_SD_PATH.resolve(), out.resolve())}" in card  # relative to the adapter
+    assert (
+        f"base_model: {os.path.relpath(TINY_SD_PATH.resolve(), out.resolve())}" in card
+    )  # relative to the adapter
     for tag in ("lora", "diffusers", "text-to-image"):
         assert f"- {tag}\n" in card
     assert "![Totoro](./image_0.png)" in card and (out / "image_0.png").is_file()
@@ -70,21 +89,36 @@ def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
     theirs = StableDiffusionPipeline.from_pretrained(TINY_SD_PATH)
     theirs.scheduler = type(ours.scheduler).from_config(theirs.scheduler.config)
     theirs.load_lora_weights(out)
-    images = [p("a drawing of a green creature", num_inference_steps=5, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images for p in (ours, theirs)]
+    images = [
+        p(
+            "a drawing of a green creature",
+            num_inference_steps=5,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+        for p in (ours, theirs)
+    ]
     assert abs(images[0] - images[1]).max() < 1e-5
 
 
 def test_resume_gives_the_uninterrupted_adapter(tmp_path):
-    """Stopped at a checkpoint and resumed, the run ends on the same adapter, bit for bit."""
-    settings = {"max_train_steps": 6, "checkpointing_steps": 3, "random_flip": True, "lora_dropout": 0.1,
-                "gradient_accumulation_steps": 2}
+    """Stopped at a checkpoint and resumed, the run ends on the same adapter, bit for bit, in the same file."""
+    settings = {
+        "max_train_steps": 6,
+        "checkpointing_steps": 3,
+        "random_flip": True,
+        "lora_dropout": 0.1,
+        "gradient_accumulation_steps": 2,
+    }
     full = train(small(tmp_path / "a", **settings))
-    resumed = train(small(tmp_path / "b", resume_from_checkpoint=str(full.output_dir / "checkpoint-3"), **settings))
-    a, _ = read_lora_file(full.lora_path)
-    b, _ = read_lora_file(resumed.lora_path)
+    resumed = train(
+        small(tmp_path / "b", resume_from_checkpoint=str(full.output_dir / "checkpoint-3"), **settings)
+    )
+    a = read_lora(full.lora_path).tensors
+    b = read_lora(resumed.lora_path).tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.losses == full.losses and len(full.losses) == 6
+    assert resumed.lora_path.read_bytes() == full.lora_path.read_bytes()
 
 
 def test_latest_checkpoint_and_total_limit(tmp_path):
@@ -105,7 +139,9 @@ def test_gradient_clipping_really_clips(tmp_path, monkeypatch):
 
     def recording_step(self, *args, **kwargs):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        norms.append(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        )
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
@@ -131,8 +167,15 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
 
 def test_bf16_with_validation_keeps_lora_fp32(tmp_path):
-    result = train(small(tmp_path, mixed_precision="bf16", max_train_steps=2, validation_prompt="a drawing",
-                         num_validation_images=1))
+    result = train(
+        small(
+            tmp_path,
+            mixed_precision="bf16",
+            max_train_steps=2,
+            validation_prompt="a drawing",
+            num_validation_images=1,
+        )
+    )
     assert result.unet.dtype == torch.bfloat16
     trainable = [p for p in result.unet.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
@@ -141,25 +184,28 @@ def test_bf16_with_validation_keeps_lora_fp32(tmp_path):
 
 def test_latents_are_cached_when_the_crop_allows(tmp_path, monkeypatch):
     seen = {}
-    real_train_loop_cache = train_module.CaptionedImages.cache
+    real_train_loop_cache = CaptionedImages.cache
 
-    def spy(self, parts, latents, text, device, batch_size=32):
+    def spy(self, components, latents, text, device, batch_size=32):
         seen.update(latents=latents, text=text)
-        return real_train_loop_cache(self, parts, latents, text, device, batch_size)
+        return real_train_loop_cache(self, components, latents, text, device, batch_size)
 
-    monkeypatch.setattr(train_module.CaptionedImages, "cache", spy)
+    monkeypatch.setattr(CaptionedImages, "cache", spy)
     train(small(tmp_path, max_train_steps=1, random_flip=True))
     assert seen == {"latents": True, "text": True}
     train(small(tmp_path / "b", max_train_steps=1, center_crop=False))
     assert seen == {"latents": False, "text": True}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"train_data_dir": "no/such/folder"}, "data folder not found: no/such/folder"),
-    ({"lr_scheduler": "cosine_annealing"}, "unknown --lr_scheduler 'cosine_annealing'"),
-    ({"resolution": 33}, "--resolution 33"),
-    ({"caption_column": "prompt"}, "no 'prompt' key"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train_data_dir": "no/such/folder"}, "data folder not found: no/such/folder"),
+        ({"lr_scheduler": "cosine_annealing"}, "unknown --lr_scheduler 'cosine_annealing'"),
+        ({"resolution": 33}, "--resolution 33"),
+        ({"caption_column": "prompt"}, "no 'prompt' key"),
+    ],
+)
 def test_bad_input_fails_before_training(tmp_path, overrides, message):
     config = small(tmp_path, **overrides)
     with pytest.raises((ValueError, DataError), match=message):
@@ -182,7 +228,9 @@ def test_push_to_hub_offline_fails_before_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config = small(tmp_path, push_to_hub=True, hub_model_id="someone/tiny-lora")
-    with pytest.raises(RuntimeError, match="--push_to_hub: cannot create or reach hub repo 'someone/tiny-lora'"):
+    with pytest.raises(
+        RuntimeError, match="--push_to_hub: cannot create or reach hub repo 'someone/tiny-lora'"
+    ):
         train(config)
     assert not Path(config.output_dir).exists()
 
@@ -196,20 +244,39 @@ def test_wandb_missing_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_cli_flags_map_to_the_config():
-    config = config_from_args(["--train_data_dir", "d", "--rank", "8", "--center_crop", "--target_modules",
-                               "to_k", "to_v", "--snr_gamma", "5", "--mixed_precision", "bf16"])
+    config = config_from_args(
+        [
+            "--pretrained_model_name_or_path",
+            "m",
+            "--train_data_dir",
+            "d",
+            "--rank",
+            "8",
+            "--center_crop",
+            "--target_modules",
+            "to_k",
+            "to_v",
+            "--snr_gamma",
+            "5",
+            "--mixed_precision",
+            "bf16",
+        ]
+    )
     assert (config.rank, config.lora_alpha, config.center_crop, config.snr_gamma) == (8, None, True, 5.0)
     assert config.target_modules == ["to_k", "to_v"] and config.mixed_precision == "bf16"
-    regex = config_from_args(["--target_modules", r".*attn2\.(to_k|to_v)"])
+    regex = config_from_args(
+        ["--pretrained_model_name_or_path", "m", "--target_modules", r".*attn2\.(to_k|to_v)"]
+    )
     assert regex.target_modules == r".*attn2\.(to_k|to_v)"
 
 
 TWO_PROCESS_SCRIPT = """
 import sys, safetensors.torch
 from lora_nb.formats import lora_state_dict
+from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 from accelerate import PartialState
-result = train(TrainConfig(train_data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_samples=8,
+result = train(TrainConfig(str(TINY_SD_PATH), train_data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_samples=8,
                            center_crop=True, train_batch_size=1, max_train_steps=3, learning_rate=1e-3, seed=0,
                            show_progress=False, checkpointing_steps=0))
 state = PartialState()
@@ -224,12 +291,27 @@ def test_two_cpu_processes_train_one_synchronised_adapter(tmp_path):
     script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           str(CREATURES), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(CREATURES),
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [safetensors.torch.load_file(out / f"rank{r}-of-2.safetensors") for r in (0, 1)]
-    written, _ = read_lora_file(out / WEIGHT_NAME)
+    written = read_lora(out / WEIGHT_NAME).tensors
     # Each process saw different examples; only averaged gradients keep their weights identical.
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     assert all(torch.equal(written[k], ranks[0][k]) for k in written)

@@ -129,11 +129,26 @@ def test_save_figure_writes_png(tmp_path):
 
 def sweep_rows():
     rows = [{"method": "base", "targets": "base model", "rank": None, "params": 0, "heldout_loss": 0.30}]
-    rows += [{"method": "lora", "targets": "attention", "rank": r, "params": 100 * r, "heldout_loss": 0.29 - r / 1000}
-             for r in (16, 1, 4)]  # out of order: the line is drawn by size
-    rows += [{"method": "lora", "targets": "cross-attention", "rank": 4, "params": 200, "heldout_loss": 0.285},
-             {"method": "full", "targets": "attention (full fine-tune)", "rank": None, "params": 5000,
-              "heldout_loss": 0.28}]
+    rows += [
+        {
+            "method": "lora",
+            "targets": "attention",
+            "rank": r,
+            "params": 100 * r,
+            "heldout_loss": 0.29 - r / 1000,
+        }
+        for r in (16, 1, 4)
+    ]  # out of order: the line is drawn by size
+    rows += [
+        {"method": "lora", "targets": "cross-attention", "rank": 4, "params": 200, "heldout_loss": 0.285},
+        {
+            "method": "full",
+            "targets": "attention (full fine-tune)",
+            "rank": None,
+            "params": 5000,
+            "heldout_loss": 0.28,
+        },
+    ]
     return rows
 
 
@@ -158,8 +173,12 @@ def test_rank_sweep_figure_other_x():
 
 
 def test_size_bars_figure_grouped_bars_labels_and_references():
-    fig = size_bars_figure(["a", "b", "c"], {"fp32": [4.0, 40.0, 400.0], "fp16": [2.0, 20.0, 200.0]}, unit="kB",
-                           references={"UNet": 6750.0})
+    fig = size_bars_figure(
+        ["a", "b", "c"],
+        {"fp32": [4.0, 40.0, 400.0], "fp16": [2.0, 20.0, 200.0]},
+        unit="kB",
+        references={"UNet": 6750.0},
+    )
     (ax,) = fig.axes
     assert [p.get_height() for p in ax.patches] == pytest.approx([4, 40, 400, 2, 20, 200])
     assert [t.get_text() for t in ax.texts] == ["4", "40", "400", "2", "20", "200"]  # each bar's value
