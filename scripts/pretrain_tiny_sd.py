@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard
 
+from lora_nb.data import tokenize
 from lora_nb.objective import denoising_loss
 from lora_nb.tiny import SCHEDULER_CONFIG, TINY_SD_PATH, build_text_encoder, build_tokenizer
 from lora_nb.world import (
@@ -54,7 +55,7 @@ UNET_CONFIG = {
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": 64,
     "attention_head_dim": 2,  # diffusers reads this as the number of heads
-    "norm_num_groups": 32,
+    "norm_num_groups": 8,  # 32 groups of one channel would normalise colour away
 }
 # Three blocks: the latent is a quarter of the image side (SD 1.5's four blocks divide by 8).
 VAE_CONFIG = {
@@ -65,7 +66,7 @@ VAE_CONFIG = {
     "block_out_channels": (32, 64, 64),
     "latent_channels": 4,
     "layers_per_block": 1,
-    "norm_num_groups": 32,
+    "norm_num_groups": 8,  # 32 groups of one channel would normalise colour away
     "sample_size": IMAGE_SIZE,
 }
 TEXT_LAYERS = 3
@@ -211,13 +212,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
         rng = random.Random(step)
         index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
         captions = ["" if rng.random() < 0.1 else parts_caption(attributes[i], rng) for i in index]
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = tokenize(tokenizer, captions)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
         loss = denoising_loss(
