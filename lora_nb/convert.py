@@ -5,6 +5,10 @@ that): every function takes and returns tensors, keys and metadata.
 lora_nb's layout is diffusers' (see formats.py): tensors ``f"{component}.{module path}.lora_A.weight"``,
 A: (r, d_in), and ``.lora_B.weight``, B: (d_out, r), component "unet" or "text_encoder"; alpha in metadata,
 peft ``LoraConfig`` kwargs with prefixed names. Every reader here returns that (tensors, metadata) pair.
+On a Conv2d (kohya's proj_in/proj_out, LoCon) A: (r, c_in, k, k), B: (c_out, r, 1, 1), as peft has them.
+A DoRA layer adds ``.lora_magnitude_vector``, (d_out,) or for a Conv2d (1, c_out, 1, 1) (peft's shapes,
+kohya/LyCORIS's ``dora_scale``), and its component's metadata says ``use_dora``; rsLoRA (scaling
+alpha / sqrt(r)) is ``use_rslora`` in the metadata.
 
     layout      one key, and where alpha comes from
     diffusers   unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight
@@ -21,6 +25,7 @@ means to ``pipe.load_lora_weights``. Alpha is not: diffusers 0.42 files a kohya 
 a name no module has, and peft then drops it (tests/test_convert.py shows it), so kohya alphas are read here.
 """
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -41,7 +46,8 @@ Layers = dict[str, tuple[int, float]]  # module path (or "unet.<path>") -> (rank
 FORMATS = ("diffusers", "peft", "attn_procs", "kohya")
 COMPONENTS = ("unet", "text_encoder")
 # Key ending -> factor: ours, then the other spellings diffusers reads (older files spell A "down", B "up").
-OUR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m: peft's name, and diffusers'
+OUR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", MAGNITUDE: "m"}
 FACTOR_SUFFIXES = {
     **OUR_SUFFIXES,
     ".lora.down.weight": "A",
@@ -52,6 +58,7 @@ FACTOR_SUFFIXES = {
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # peft keeps A and B under the adapter's name ("lora_A.default.weight") in a model, without it in a file.
 _PEFT_FACTOR = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
+_PEFT_MAGNITUDE = re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$")  # ".default.weight" in a model
 _ATTN_PROCS_FACTOR = re.compile(r"[._]lora\.(down|up)\.weight$")  # processor.to_q_lora.down, to_q.lora.down
 # A peft file says nothing of which model it adapts; CLIP's modules live under these, a UNet's never do.
 _TEXT_ENCODER_ROOTS = ("text_model.", "encoder.", "embeddings.", "final_layer_norm")
@@ -96,8 +103,10 @@ def layer_alpha(config: dict, path: str, rank: int, component: str = "") -> floa
     return float(rank)
 
 
-def lora_config_for(layers: Layers) -> dict:
-    """peft ``LoraConfig`` kwargs for {module path: (rank, alpha)}: common values, patterns for the rest."""
+def lora_config_for(layers: Layers, variants: dict | None = None) -> dict:
+    """peft ``LoraConfig`` kwargs for {module path: (rank, alpha)}: common values, patterns for the rest.
+    ``variants`` ({"use_dora": True, "use_rslora": True}) are written when true: plain LoRA's stay as
+    before, and peft and diffusers default them to false."""
     r = Counter(rank for rank, _ in layers.values()).most_common(1)[0][0]
     alpha = Counter(alpha for _, alpha in layers.values()).most_common(1)[0][0]
     # Layers off the common value go in patterns keyed "^path", as diffusers writes them: the "^" pins peft's
@@ -108,14 +117,16 @@ def lora_config_for(layers: Layers) -> dict:
         "target_modules": sorted(layers),
         "rank_pattern": {f"^{p}": rank for p, (rank, _) in layers.items() if rank != r},
         "alpha_pattern": {f"^{p}": a for p, (_, a) in layers.items() if a != alpha},
+        **{key: True for key, on in (variants or {}).items() if on},
     }
 
 
-def metadata_for(layers: Layers) -> dict:
-    """Our file metadata for layers {"unet.<path>": (rank, alpha)}: each component's config, prefixed."""
+def metadata_for(layers: Layers, variants: dict[str, dict] | None = None) -> dict:
+    """Our file metadata for layers {"unet.<path>": (rank, alpha)}: each component's config, prefixed.
+    ``variants``: {component: {"use_dora": bool, "use_rslora": bool}}, as for lora_config_for."""
     metadata = {}
     for component in dict.fromkeys(stem.partition(".")[0] for stem in layers):
-        config = lora_config_for(select_component(layers, component))
+        config = lora_config_for(select_component(layers, component), (variants or {}).get(component))
         metadata |= {f"{component}.{key}": value for key, value in config.items()}
     return metadata
 
@@ -139,18 +150,37 @@ def pair_factors(
         else:
             found.setdefault(key.removesuffix(suffix), {})[suffixes[suffix]] = key
     for layer, factors in found.items():
-        if len(factors) < 2:
-            ((have, key),) = factors.items()
-            problems.append(f"{key}: no lora_{'B' if have == 'A' else 'A'} for {layer}")
-    return {layer: factors for layer, factors in found.items() if len(factors) == 2}, problems
+        missing = [f for f in "AB" if f not in factors]
+        if missing:  # DoRA's magnitude ("m") is the optional third
+            problems.append(f"{next(iter(factors.values()))}: no lora_{missing[0]} for {layer}")
+    return {layer: factors for layer, factors in found.items() if "A" in factors and "B" in factors}, problems
 
 
 def split_layers(
     tensors: StateDict, metadata: dict | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{"unet.<path>": (A, B, alpha)} from tensors in our layout: the one per-layer split that mixing,
-    resizing and kohya export share. Alpha as peft resolves it: the layer's ``alpha_pattern`` entry, else
-    ``lora_alpha``, else its rank. Keys that are no factor, or lack their partner, raise (all listed)."""
+    """{"unet.<path>": (A, B, alpha)} from tensors in our layout: the one per-layer split that mixing and
+    resizing share, for updates that are (alpha / r) B A. Alpha as peft resolves it (see split_dora_layers).
+    DoRA layers raise: their update is not B A alone, so no sum or truncation of factors is exact."""
+    layers = split_dora_layers(tensors, metadata)
+    dora = [
+        f"{stem}{MAGNITUDE}: a DoRA layer; its update is not B A alone"
+        for stem, (*_, m) in layers.items()
+        if m is not None
+    ]
+    if dora:
+        raise cannot_place(dora)
+    return {stem: (a, b, alpha) for stem, (a, b, alpha, _) in layers.items()}
+
+
+def split_dora_layers(
+    tensors: StateDict, metadata: dict | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:
+    """{"unet.<path>": (A, B, alpha, magnitude or None)} from tensors in our layout. Alpha as peft resolves
+    it: the layer's ``alpha_pattern`` entry, else ``lora_alpha``, else its rank; under ``use_rslora`` it is
+    given as the alpha plain LoRA would need for the same scaling, alpha * sqrt(r) (alpha / sqrt(r) =
+    that / r), so mixing, resizing and kohya export (kohya has no rsLoRA) need not know. Keys that are no
+    factor, or lack their partner, raise (all listed)."""
     pairs, problems = pair_factors(tensors)
     if problems:
         raise cannot_place(problems)
@@ -159,7 +189,10 @@ def split_layers(
         a, b = tensors[keys["A"]], tensors[keys["B"]]
         component, _, path = stem.partition(".")
         config = select_component(metadata or {}, component)
-        layers[stem] = (a, b, layer_alpha(config, path, a.shape[0], component))
+        alpha = layer_alpha(config, path, a.shape[0], component)
+        if config.get("use_rslora"):
+            alpha *= math.sqrt(a.shape[0])
+        layers[stem] = (a, b, alpha, tensors[keys["m"]] if "m" in keys else None)
     return layers
 
 
@@ -168,7 +201,7 @@ def _layout(key: str) -> str | None:
         return "kohya"
     if key.startswith(tuple(f"{c}." for c in COMPONENTS)):
         return "diffusers"
-    if _PEFT_FACTOR.search(key):
+    if _PEFT_FACTOR.search(key) or _PEFT_MAGNITUDE.search(key):
         return "peft"
     if _ATTN_PROCS_FACTOR.search(key):
         return "attn_procs"
@@ -199,7 +232,8 @@ def detect_format(keys: Iterable[str]) -> str:
 
 def _rename_factor(key: str) -> str:
     suffix = next((s for s in FACTOR_SUFFIXES if key.endswith(s)), None)
-    return key if suffix is None else f"{key.removesuffix(suffix)}.lora_{FACTOR_SUFFIXES[suffix]}.weight"
+    ours = {factor: ending for ending, factor in OUR_SUFFIXES.items()}
+    return key if suffix is None else key.removesuffix(suffix) + ours[FACTOR_SUFFIXES[suffix]]
 
 
 def _our_name(key: str) -> str:
@@ -239,6 +273,7 @@ def from_peft(state: StateDict, config: dict | None = None) -> tuple[StateDict, 
     tensors = {}
     for key, tensor in state.items():
         path = _PEFT_FACTOR.sub(r".lora_\1.weight", key.removeprefix("base_model.model."))
+        path = _PEFT_MAGNITUDE.sub(MAGNITUDE, path)
         tensors[f"{'text_encoder' if path.startswith(_TEXT_ENCODER_ROOTS) else 'unet'}.{path}"] = tensor
     kept = {k: v for k, v in (config or {}).items() if k in _PEFT_CONFIG_KEYS}
     components = dict.fromkeys(key.partition(".")[0] for key in tensors)
@@ -263,53 +298,81 @@ def _kohya_stem(name: str) -> str | None:
     return stem.replace("text_encoder.text_model.", "text_encoder.", 1)
 
 
+KOHYA_ENTRIES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+
+
+def magnitude_shape(b: torch.Tensor) -> tuple[int, ...]:
+    """peft's shape of DoRA's magnitude for a layer whose B is ``b``: (d_out,), or (1, c_out, 1, 1) for a
+    Conv2d (B: (c_out, r, 1, 1))."""
+    return (1, b.shape[0], 1, 1) if b.dim() == 4 else (b.shape[0],)
+
+
+def _from_kohya_module(name: str, entries: dict[str, torch.Tensor]) -> tuple[dict, float | None, list[str]]:
+    """One kohya module's tensors: ({"A": A, "B": B, "m": dora_scale?}, alpha, problems)."""
+    other = [entry for entry in entries if entry not in KOHYA_ENTRIES]
+    if other:  # LoHa's hada_w1_a, LoKr's lokr_w1 ...
+        holds = ", ".join(KOHYA_ENTRIES)
+        return {}, None, [f"{name}.{entry}: not LoRA (a kohya LoRA module holds {holds})" for entry in other]
+    if "lora_down.weight" not in entries or "lora_up.weight" not in entries:
+        return {}, None, [f"{name}: needs both lora_down.weight and lora_up.weight, has {', '.join(entries)}"]
+    a, b = (
+        entries["lora_down.weight"],
+        entries["lora_up.weight"],
+    )  # A: (r, d_in[, k, k]), B: (d_out, r[, 1, 1])
+    alpha = entries.get("alpha", torch.zeros(()))
+    if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+        return {}, None, [f"{name}.alpha: must be one finite number, the file has {alpha.tolist()}"]
+    factors = {"A": a, "B": b}
+    if "dora_scale" in entries:  # LyCORIS writes it (d_out, 1); per output channel, as peft's magnitude
+        m = entries["dora_scale"]
+        if m.numel() != b.shape[0]:
+            why = f"needs {b.shape[0]} numbers (one per output channel), the file has shape {tuple(m.shape)}"
+            return {}, None, [f"{name}.dora_scale: {why}"]
+        factors["m"] = m.reshape(magnitude_shape(b))
+    # kohya's rule (sd-scripts networks/lora.py): no alpha, or alpha 0, means alpha = rank.
+    return factors, float(alpha.item() or a.shape[0]), []
+
+
 def from_kohya(state: StateDict, metadata: dict | None = None) -> tuple[StateDict, dict]:
-    """kohya/A1111 keys -> ours, each module's ``.alpha`` kept exactly (in the metadata's patterns)."""
+    """kohya/A1111 keys -> ours, each module's ``.alpha`` kept exactly (in the metadata's patterns); LoCon's
+    convolutions and DoRA's ``dora_scale`` included."""
     modules: dict[str, dict[str, torch.Tensor]] = {}  # kohya module name -> {"lora_down.weight": tensor ...}
     for key, tensor in state.items():
         name, _, entry = key.partition(".")
         modules.setdefault(name, {})[entry] = tensor
-    tensors, layers, problems = {}, {}, []
+    tensors, layers, variants, problems = {}, {}, {}, []
     for name, entries in modules.items():
         stem = _kohya_stem(name)
         if stem is None:
             problems += [f"{name}.{entry}: SDXL's second text encoder; SD 1.x has one" for entry in entries]
             continue
-        other = [entry for entry in entries if entry not in ("lora_down.weight", "lora_up.weight", "alpha")]
-        if other:  # LoHa's hada_w1_a, LoKr's lokr_w1, DoRA's dora_scale ...
-            problems += [
-                f"{name}.{entry}: not LoRA (a kohya LoRA module holds lora_down, lora_up, alpha)"
-                for entry in other
-            ]
-        elif "lora_down.weight" in entries and "lora_up.weight" in entries:
-            a, b = entries["lora_down.weight"], entries["lora_up.weight"]  # A: (r, d_in), B: (d_out, r)
-            alpha = entries.get("alpha", torch.zeros(()))
-            if alpha.numel() != 1 or not torch.isfinite(alpha).all():
-                problems.append(f"{name}.alpha: must be one finite number, the file has {alpha.tolist()}")
-                continue
-            tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = a, b
-            # kohya's rule (sd-scripts networks/lora.py): no alpha, or alpha 0, means alpha = rank.
-            layers[stem] = (a.shape[0], float(alpha.item() or a.shape[0]))
-        else:
-            problems.append(
-                f"{name}: needs both lora_down.weight and lora_up.weight, has {', '.join(entries)}"
-            )
+        factors, alpha, wrong = _from_kohya_module(name, entries)
+        problems += wrong
+        if wrong:
+            continue
+        tensors[f"{stem}.lora_A.weight"], tensors[f"{stem}.lora_B.weight"] = factors["A"], factors["B"]
+        if "m" in factors:
+            tensors[stem + MAGNITUDE] = factors["m"]
+            variants[stem.partition(".")[0]] = {"use_dora": True}
+        layers[stem] = (factors["A"].shape[0], alpha)
     if problems:
         raise cannot_place(problems)
-    return tensors, metadata_for(layers)
+    return tensors, metadata_for(layers, variants)
 
 
 def to_kohya(tensors: StateDict, metadata: dict | None = None) -> StateDict:
     """Ours -> kohya/A1111: ``lora_unet_``/``lora_te_`` + the path with "_" for ".", ``lora_down``/
-    ``lora_up``, and every module's alpha as a float32 scalar tensor, as kohya's sd-scripts save it (an
-    alpha float32 cannot hold, such as 0.1, comes back rounded to it).
+    ``lora_up`` (4-D on a convolution, as LoCon has them), DoRA's magnitude as ``dora_scale``, and every
+    module's alpha as a float32 scalar tensor, as kohya's sd-scripts save it (an alpha float32 cannot hold,
+    such as 0.1, comes back rounded to it). kohya has no rsLoRA: its alpha is the one giving the same
+    scaling, alpha * sqrt(r).
 
     diffusers' convert_state_dict_to_kohya is not used: it writes alpha = rank whatever the adapter's alpha
     (wrong unless they are equal), and names the text encoder ``lora_te1_`` without CLIP's ``text_model_``
     level, which A1111 does not find for SD 1.x.
     """
     out = {}
-    for stem, (a, b, alpha) in split_layers(tensors, metadata).items():
+    for stem, (a, b, alpha, m) in split_dora_layers(tensors, metadata).items():
         component, _, path = stem.partition(".")
         if component == "unet":
             name = "lora_unet_" + path.replace(".", "_")
@@ -317,6 +380,8 @@ def to_kohya(tensors: StateDict, metadata: dict | None = None) -> StateDict:
             name = "lora_te_" + ("text_model." + path.removeprefix("text_model.")).replace(".", "_")
         out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = a, b
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if m is not None:
+            out[f"{name}.dora_scale"] = m
     return out
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .convert import (
     FACTOR_SUFFIXES,
+    MAGNITUDE,
     cannot_place,
     layer_alpha,
     lora_config_for,
@@ -40,7 +41,7 @@ from .convert import (
     to_lora_nb,
 )
 from .inject import freeze_all_but_lora, lora_layers, replace_module
-from .layers import LoRALinear
+from .layers import LoRALayer, lora_class
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file name diffusers looks for in a directory
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -75,7 +76,7 @@ class LoraAdapter:
         cls, unet: nn.Module | None = None, text_encoder: nn.Module | None = None
     ) -> "LoraAdapter":
         """The LoRA layers of ``unet`` and/or ``text_encoder``: their factors and their ranks and alphas."""
-        tensors, layers = {}, {}
+        tensors, layers, variants = {}, {}, {}
         for prefix, model in zip(PREFIXES, (unet, text_encoder)):
             if model is None:
                 continue
@@ -83,18 +84,36 @@ class LoraAdapter:
                 raise ValueError(f"{type(model).__name__} has no LoRA layers")
             tensors |= lora_state_dict(model, prefix)
             layers |= {f"{prefix}.{path}": (m.rank, m.alpha) for path, m in lora_layers(model).items()}
+            variants[prefix] = lora_variants(model)
         if not tensors:
             raise ValueError("nothing to save: pass unet= and/or text_encoder=")
-        return cls(tensors, metadata_for(layers))
+        return cls(tensors, metadata_for(layers, variants))
 
 
 def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """The model's LoRA factors under diffusers' key names."""
+    """The model's LoRA factors (and DoRA magnitudes) under diffusers' key names."""
     state = {}
     for path, layer in lora_layers(model).items():
         state[f"{prefix}.{path}.lora_A.weight"] = layer.lora_A.weight.detach()
         state[f"{prefix}.{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+        if layer.use_dora:
+            state[f"{prefix}.{path}{MAGNITUDE}"] = layer.lora_magnitude_vector.detach()
     return state
+
+
+def lora_variants(model: nn.Module) -> dict[str, bool]:
+    """{"use_dora": ..., "use_rslora": ...} of the model's LoRA layers; peft's LoraConfig holds one of each
+    per model, so layers that differ raise, naming the first that does."""
+    layers = lora_layers(model)
+    found = {name: {"use_dora": m.use_dora, "use_rslora": m.use_rslora} for name, m in layers.items()}
+    first, variants = next(iter(found.items()))
+    other = next((name for name, v in found.items() if v != variants), None)
+    if other is not None:
+        raise ValueError(
+            f"{other} is {found[other]} but {first} is {variants}: a file holds one DoRA and one "
+            "rsLoRA setting per model (peft's LoraConfig)"
+        )
+    return variants
 
 
 def lora_config(model: nn.Module) -> dict:
@@ -102,7 +121,8 @@ def lora_config(model: nn.Module) -> dict:
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers")
-    return lora_config_for({path: (layer.rank, layer.alpha) for path, layer in layers.items()})
+    layer_config = {path: (layer.rank, layer.alpha) for path, layer in layers.items()}
+    return lora_config_for(layer_config, lora_variants(model))
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
@@ -239,7 +259,8 @@ def read_lora(path: str | os.PathLike) -> LoraAdapter:
     config_file = path.parent / PEFT_CONFIG_NAME
     config = read_json(config_file.read_text(), str(config_file)) if config_file.is_file() else None
     lora = replace(LoraAdapter.from_state_dict(state, metadata, config), path=path)
-    logger.info("%s: %s layout, %d LoRA layers", path, lora.format, len(lora.tensors) // 2)
+    layers = sum(key.endswith(".lora_A.weight") for key in lora.tensors)
+    logger.info("%s: %s layout, %d LoRA layers", path, lora.format, layers)
     return lora
 
 
@@ -253,62 +274,72 @@ def export_kohya(source: str | os.PathLike | LoraAdapter, path: str | os.PathLik
     return _write(_weights_path(path), to_kohya(lora.tensors, lora.metadata), file_header(None))
 
 
-def _find_linear(modules: dict[str, nn.Module], path: str) -> tuple[str | None, str]:
-    """(name, "") of the nn.Linear a file calls ``path``, or (None, why not)."""
+def _find_target(modules: dict[str, nn.Module], path: str) -> tuple[str | None, str]:
+    """(name, "") of the nn.Linear or nn.Conv2d a file calls ``path``, or (None, why not)."""
     # transformers 5 dropped CLIPTextModel's `text_model.` level; files from older setups still carry it.
     names = (path, path.removeprefix("text_model."), "text_model." + path)
     for name in names:
-        if isinstance(modules.get(name), nn.Linear):
+        if name in modules and lora_class(modules[name]) is not None:
             return name, ""
-    if any(isinstance(modules.get(name), LoRALinear) for name in names):
+    if any(isinstance(modules.get(name), LoRALayer) for name in names):
         return None, f"module {path!r} already has LoRA; call remove_lora() first"
-    return None, f"module {path!r} is not an nn.Linear in {type(modules['']).__name__}"
+    return None, f"module {path!r} is not an nn.Linear or nn.Conv2d in {type(modules['']).__name__}"
 
 
 def _plan(
     model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str | None, config: dict
 ) -> tuple[dict, list[str]]:
     """Check one component's factors (keys without ``prefix``) against the model without touching it:
-    ({module name: (A, B, alpha)}, problems), a problem being "key: why it cannot be placed"."""
-    if config.get("use_dora") or config.get("use_rslora") or config.get("lora_bias"):
-        raise ValueError("DoRA, rsLoRA and LoRA biases are not supported")
+    ({module name: (A, B, alpha, magnitude or None, use_rslora)}, problems), a problem being "key: why it
+    cannot be placed"."""
+    if config.get("lora_bias"):
+        raise ValueError("LoRA biases (peft's lora_bias) are not supported")
     full = f"{prefix}.{{}}" if prefix else "{}"  # keys are named in full in the problems
     pairs, problems = pair_factors(state_dict, FACTOR_SUFFIXES)
     problems = [full.format(problem) for problem in problems]
     modules = dict(model.named_modules())
     plan = {}
     for path, keys in pairs.items():
-        (key_a, a), (key_b, b) = ((full.format(keys[f]), state_dict[keys[f]]) for f in "AB")
-        name, problem = _find_linear(modules, path)
+        named = {factor: (full.format(key), state_dict[key]) for factor, key in keys.items()}
+        name, problem = _find_target(modules, path)
         if name is None:
-            problems.append(f"{key_a}: {problem}")
+            problems.append(f"{named['A'][0]}: {problem}")
             continue
-        wrong = _wrong_factors(modules[name], name, key_a, a, key_b, b)
+        wrong = _wrong_factors(modules[name], name, named, bool(config.get("use_dora")))
+        (key_a, a), (_, b) = named["A"], named["B"]
         try:
             alpha = layer_alpha(config, path, a.shape[0] if a.dim() else 0, prefix or "")
         except (TypeError, ValueError) as error:
             wrong.append(f"{key_a}: {error} in the adapter metadata")
         problems += wrong
         if not wrong:
-            plan[name] = (a, b, alpha)
+            plan[name] = (a, b, alpha, named.get("m", (None, None))[1], bool(config.get("use_rslora")))
     return plan, problems
 
 
-def _wrong_factors(
-    base: nn.Linear, name: str, key_a: str, a: torch.Tensor, key_b: str, b: torch.Tensor
-) -> list:
-    """What is wrong with one layer's A and B: shapes that do not fit ``base``, NaN or inf values."""
-    rank = a.shape[0] if a.dim() == 2 else 0
+def _wrong_factors(base: nn.Module, name: str, named: dict, use_dora: bool) -> list:
+    """What is wrong with one layer's A, B (and DoRA magnitude): shapes that do not fit ``base``, a
+    magnitude the metadata promises but the file lacks, NaN or inf values. ``named``: {"A": (key, A), ...}."""
+    (key_a, a), (key_b, b) = named["A"], named["B"]
+    shape_a, _ = lora_class(base).factor_shapes(base, 1)
+    rank = a.shape[0] if a.dim() == len(shape_a) else 0
     if rank < 1:
-        return [
-            f"{key_a}: {name} needs shape (r, {base.in_features}) with r >= 1, the file has {tuple(a.shape)}"
-        ]
+        needs = ", ".join(["r", *map(str, shape_a[1:])])
+        return [f"{key_a}: {name} needs shape ({needs}) with r >= 1, the file has {tuple(a.shape)}"]
+    expected_a, expected_b = lora_class(base).factor_shapes(base, rank)
+    d_out = expected_b[0]
+    if use_dora and "m" not in named:
+        return [f"{key_a}: the metadata says use_dora, but the file has no lora_magnitude_vector for {name}"]
+    checks = [(key_a, a, expected_a), (key_b, b, expected_b)]
+    checks += [(*named["m"], None)] if "m" in named else []  # a magnitude's shape varies; its size does not
     wrong = []
-    for key, tensor, expected in (
-        (key_a, a, (rank, base.in_features)),
-        (key_b, b, (base.out_features, rank)),
-    ):
-        if tuple(tensor.shape) != expected:
+    for key, tensor, expected in checks:
+        if expected is None and tensor.numel() != d_out:
+            why = (
+                f"needs {d_out} magnitudes (one per output channel), the file has shape {tuple(tensor.shape)}"
+            )
+            wrong.append(f"{key}: {name} {why}")
+        elif expected is not None and tuple(tensor.shape) != expected:
             wrong.append(
                 f"{key}: {name} needs shape {expected} (from the model), the file has {tuple(tensor.shape)}"
             )
@@ -320,17 +351,21 @@ def _wrong_factors(
 
 
 @torch.no_grad()
-def _build(model: nn.Module, plan: dict) -> dict[str, LoRALinear]:
+def _build(model: nn.Module, plan: dict) -> dict[str, LoRALayer]:
     """The LoRA layers of a checked plan, built (and filled) without changing the model."""
     layers = {}
-    for name, (a, b, alpha) in plan.items():
-        layers[name] = LoRALinear(model.get_submodule(name), rank=a.shape[0], alpha=alpha)
-        layers[name].lora_A.weight.copy_(a)  # to the factors' fp32, on the base's device
-        layers[name].lora_B.weight.copy_(b)
+    for name, (a, b, alpha, m, use_rslora) in plan.items():
+        base = model.get_submodule(name)
+        layer = lora_class(base)(base, a.shape[0], alpha, use_rslora=use_rslora, use_dora=m is not None)
+        layer.lora_A.weight.copy_(a)  # to the factors' fp32, on the base's device
+        layer.lora_B.weight.copy_(b)
+        if m is not None:  # kohya's dora_scale may come (d_out, 1); the layer keeps peft's shape
+            layer.lora_magnitude_vector.copy_(m.reshape(layer.lora_magnitude_vector.shape))
+        layers[name] = layer
     return layers
 
 
-def _swap_in(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
+def _swap_in(model: nn.Module, layers: dict[str, LoRALayer]) -> list[str]:
     for name, layer in layers.items():
         replace_module(model, name, layer)
     freeze_all_but_lora(model)  # as inject_lora leaves it: ready to train on, or to run

@@ -16,7 +16,7 @@ from .config import (  # noqa: F401
     UNET_CROSS_ATTENTION,
     UNET_FEED_FORWARD,
 )
-from .layers import LoRALinear, finite_number
+from .layers import LoRALayer, finite_number, lora_class
 
 Targets = str | list[str]
 # The named target sets, for sizes and sweeps: {name: (UNet target modules, whether every text encoder's
@@ -36,9 +36,9 @@ def matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """The model's LoRA layers (LoRALinear, LoRAConv2d) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def _short_name(name: str) -> str:
@@ -48,13 +48,14 @@ def _short_name(name: str) -> str:
 
 
 def find_targets(model: nn.Module, target_modules: Targets) -> list[str]:
-    """Names of the nn.Linear layers ``target_modules`` selects; raises if any entry selects none."""
+    """Names of the layers LoRA can wrap (nn.Linear, nn.Conv2d) that ``target_modules`` selects; raises if any
+    entry selects none."""
     wrapped = lora_layers(model)
-    # The Linears inside a LoRALinear (base, lora_A, lora_B) are never targets themselves.
+    # The layers inside a LoRA layer (base, lora_A, lora_B) are never targets themselves.
     linears = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not any(name.startswith(w + ".") for w in wrapped)
+        if lora_class(m) is not None and not any(name.startswith(w + ".") for w in wrapped)
     ]
     already = [name for name in wrapped if matches(name, target_modules)]
     if already:
@@ -66,7 +67,8 @@ def find_targets(model: nn.Module, target_modules: Targets) -> list[str]:
         spec = entry if isinstance(target_modules, str) else [entry]
         if not any(matches(name, spec) for name in linears):
             raise ValueError(
-                f"target {entry!r} matches no nn.Linear in {type(model).__name__}; its Linear layers end in: "
+                f"target {entry!r} matches no nn.Linear or nn.Conv2d in {type(model).__name__}; "
+                "its Linear and Conv2d layers end in: "
                 + ", ".join(sorted({_short_name(name) for name in linears}))
             )
     return [name for name in linears if matches(name, target_modules)]
@@ -85,14 +87,20 @@ def inject_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     init: str = "kaiming",
+    use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
-    """Wrap each targeted nn.Linear in a LoRALinear and freeze everything but the LoRA factors.
+    """Wrap each targeted nn.Linear in a LoRALinear, each nn.Conv2d in a LoRAConv2d, and freeze everything
+    but the LoRA factors (and DoRA's magnitudes). ``use_rslora``/``use_dora`` as peft's LoraConfig's.
 
     Returns the wrapped names. Everything is checked and built before the first layer is swapped, so an error
     leaves the model as it was.
     """
     names = find_targets(model, target_modules)
-    new = {name: LoRALinear(model.get_submodule(name), rank, alpha, dropout, init) for name in names}
+    new = {}
+    for name in names:
+        base = model.get_submodule(name)
+        new[name] = lora_class(base)(base, rank, alpha, dropout, init, use_rslora, use_dora)
     for name, layer in new.items():
         replace_module(model, name, layer)
     freeze_all_but_lora(model)
@@ -107,7 +115,7 @@ def freeze_all_but_lora(model: nn.Module) -> None:
 
 
 def remove_lora(model: nn.Module) -> list[str]:
-    """Put the original nn.Linear layers back (unmerging first); returns their names. All stay frozen."""
+    """Put the original layers back (unmerging first); returns their names. All stay frozen."""
     layers = lora_layers(model)
     for name, layer in layers.items():
         if layer.merged:
@@ -116,7 +124,7 @@ def remove_lora(model: nn.Module) -> list[str]:
     return list(layers)
 
 
-def _require_lora(model: nn.Module) -> dict[str, LoRALinear]:
+def _require_lora(model: nn.Module) -> dict[str, LoRALayer]:
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers; call inject_lora() first")
@@ -151,8 +159,8 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def fuse_lora(model: nn.Module) -> dict[str, LoRALinear]:
-    """Merge every LoRA update, then put the plain nn.Linear layers in the wrappers' places.
+def fuse_lora(model: nn.Module) -> dict[str, LoRALayer]:
+    """Merge every LoRA update, then put the plain base layers in the wrappers' places.
 
     A merged wrapper still costs a Python call per layer; a fused model is the base module tree with the
     merged weights, so inference costs what the base costs. Returns the wrappers, for unfuse_lora().
@@ -164,7 +172,7 @@ def fuse_lora(model: nn.Module) -> dict[str, LoRALinear]:
     return layers
 
 
-def unfuse_lora(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
+def unfuse_lora(model: nn.Module, layers: dict[str, LoRALayer]) -> None:
     """Put back the wrappers fuse_lora() returned and restore the base weights bit-exactly."""
     for name, layer in layers.items():
         replace_module(model, name, layer)
@@ -172,8 +180,15 @@ def unfuse_lora(model: nn.Module, layers: dict[str, LoRALinear]) -> None:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The LoRA factors, as a list: a generator would be used up by the optimizer, leaving clipping nothing."""
-    return [p for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    """The LoRA factors (A, B, and DoRA's magnitude), as a list: a generator would be used up by the
+    optimizer, leaving clipping nothing."""
+    return [p for layer in lora_layers(model).values() for p in layer_parameters(layer)]
+
+
+def layer_parameters(layer: LoRALayer) -> list[nn.Parameter]:
+    """One LoRA layer's trainable tensors: A, B, and with DoRA the magnitude vector."""
+    magnitude = [layer.lora_magnitude_vector] if layer.use_dora else []
+    return [layer.lora_A.weight, layer.lora_B.weight, *magnitude]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """How big is a LoRA? Trainable parameters and adapter file size, computed without loading a single weight.
 
 A LoRA of rank r on a Linear layer W: (d_out, d_in) stores A: (r, d_in) and B: (d_out, r), so it adds
-r * (d_in + d_out) numbers. The file holds those numbers plus a safetensors header (JSON naming each tensor,
-its dtype, shape and byte offsets, and the adapter's peft config). The models are built on the meta device:
+r * (d_in + d_out) numbers; on a Conv2d W: (c_out, c_in, k, k), A: (r, c_in, k, k) and B: (c_out, r, 1, 1),
+r * (c_in * k * k + c_out). DoRA adds one magnitude per output channel. The file holds those numbers plus
+a safetensors header (JSON naming each tensor, its dtype, shape and byte offsets, and the adapter's peft
+config). The models are built on the meta device:
 every module and shape, no memory. The layers counted are exactly the ones ``inject_lora`` would wrap,
 because the same ``find_targets`` picks them.
 
@@ -22,9 +24,10 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from . import tiny
-from .convert import metadata_for
+from .convert import MAGNITUDE, metadata_for
 from .formats import file_header
 from .inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, find_targets
+from .layers import lora_class
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -62,12 +65,21 @@ def build_meta(model: str, part: str = "unet") -> nn.Module:
         return cls(CLIPTextConfig(**config))
 
 
-def lora_shapes(model: nn.Module, target_modules: Targets) -> dict[str, tuple[int, int]]:
-    """{layer name: (d_out, d_in)} for every nn.Linear ``inject_lora(model, target_modules)`` would wrap."""
-    shapes = {}
-    for name in find_targets(model, target_modules):
-        layer = model.get_submodule(name)
-        shapes[name] = (layer.out_features, layer.in_features)
+def lora_shapes(model: nn.Module, target_modules: Targets) -> dict[str, tuple[int, ...]]:
+    """{layer name: its weight's shape} for every layer ``inject_lora(model, target_modules)`` would wrap:
+    (d_out, d_in) for a Linear, (c_out, c_in, k, k) for a Conv2d."""
+    return {
+        name: tuple(model.get_submodule(name).weight.shape) for name in find_targets(model, target_modules)
+    }
+
+
+def layer_tensor_shapes(base: nn.Module, rank: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
+    """{key ending: shape} of the tensors one LoRA layer on ``base`` saves (A, B, and DoRA's magnitude)."""
+    cls = lora_class(base)
+    shape_a, shape_b = cls.factor_shapes(base, rank)
+    shapes = {".lora_A.weight": shape_a, ".lora_B.weight": shape_b}
+    if use_dora:  # peft's shape: (d_out,) for a Linear, (1, c_out, 1, 1) for a Conv2d
+        shapes[MAGNITUDE] = (1, shape_b[0], 1, 1) if len(shape_b) == 4 else (shape_b[0],)
     return shapes
 
 
@@ -98,8 +110,8 @@ def safetensors_header_bytes(
 
 @dataclass
 class AdapterSize:
-    layers: int  # Linear layers wrapped
-    lora_params: int  # trainable parameters: sum of r * (d_in + d_out)
+    layers: int  # Linear and Conv2d layers wrapped
+    lora_params: int  # trainable parameters: sum of r * (d_in + d_out) (+ d_out magnitudes with DoRA)
     file_bytes: int  # the .safetensors file save_lora_weights writes, header and metadata included
     base_params: int  # every parameter of the models the adapter attaches to
     base_bytes: int  # base_params at the same dtype
@@ -111,9 +123,15 @@ class AdapterSize:
 
 
 def adapter_size(
-    parts: Mapping[str, tuple[nn.Module, Targets]], rank: int, dtype: str = "fp32", alpha: float | None = None
+    parts: Mapping[str, tuple[nn.Module, Targets]],
+    rank: int,
+    dtype: str = "fp32",
+    alpha: float | None = None,
+    use_dora: bool = False,
+    use_rslora: bool = False,
 ) -> AdapterSize:
-    """Size of a rank-``rank`` LoRA on ``parts``: {key prefix: (model, target_modules)}, real or meta models.
+    """Size of a rank-``rank`` LoRA on ``parts``: {key prefix: (model, target_modules)}, real or meta models;
+    ``use_dora``/``use_rslora`` as for inject_lora (rsLoRA changes only the metadata).
 
     E.g. ``adapter_size({"unet": (pipe.unet, UNET_ATTENTION)}, rank=4)``. The file size is exact for the file
     ``formats.save_lora_weights`` writes: tensors at ``dtype`` (lora_nb itself saves fp32), and the header
@@ -126,15 +144,16 @@ def adapter_size(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     shapes, layers, base_params = {}, {}, 0
     for prefix, (model, target_modules) in parts.items():
-        for name, (d_out, d_in) in lora_shapes(model, target_modules).items():
-            shapes[f"{prefix}.{name}.lora_A.weight"] = (rank, d_in)  # A: (r, d_in)
-            shapes[f"{prefix}.{name}.lora_B.weight"] = (d_out, rank)  # B: (d_out, r)
-            layers[f"{prefix}.{name}"] = (rank, float(rank if alpha is None else alpha))  # LoRALinear's float
+        for name in find_targets(model, target_modules):
+            for ending, shape in layer_tensor_shapes(model.get_submodule(name), rank, use_dora).items():
+                shapes[f"{prefix}.{name}{ending}"] = shape
+            layers[f"{prefix}.{name}"] = (rank, float(rank if alpha is None else alpha))  # the layers' float
         base_params += sum(p.numel() for p in model.parameters())
     lora_params = sum(math.prod(shape) for shape in shapes.values())
-    metadata = file_header(metadata_for(layers))
+    variants = {"use_dora": use_dora, "use_rslora": use_rslora}
+    metadata = file_header(metadata_for(layers, dict.fromkeys(parts, variants)))
     return AdapterSize(
-        layers=len(shapes) // 2,
+        layers=len(layers),
         lora_params=lora_params,
         file_bytes=safetensors_header_bytes(shapes, dtype, metadata) + lora_params * BYTES[dtype],
         base_params=base_params,

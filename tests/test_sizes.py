@@ -126,3 +126,22 @@ def test_every_model_part_builds_and_unknown_ones_are_named():
         build_meta("sd3")
     with pytest.raises(ValueError, match="dtype"):
         adapter_size({"unet": (tiny_unet(), UNET_ATTENTION)}, 4, dtype="int8")
+
+
+CONV_TARGETS = ["to_q", "to_v", "proj_in", "proj_out", "conv1", "conv2"]  # kohya's LoRA + LoCon
+
+
+@pytest.mark.parametrize(
+    "variant", [{}, {"use_dora": True}, {"use_dora": True, "use_rslora": True}], ids=["lora", "dora", "both"]
+)
+def test_conv_targets_and_dora_magnitudes_are_counted_to_the_byte(tmp_path, variant):
+    unet = tiny_unet()
+    predicted = adapter_size({"unet": (unet, CONV_TARGETS)}, rank=3, alpha=6, **variant)
+    meta = adapter_size({"unet": (build_meta("tiny"), CONV_TARGETS)}, rank=3, alpha=6, **variant)
+    names = inject_lora(unet, CONV_TARGETS, rank=3, alpha=6, **variant)
+    trainable, _ = count_parameters(unet)
+    assert predicted.lora_params == meta.lora_params == trainable and predicted.layers == len(names)
+    path = save_lora_weights(tmp_path, unet=unet)
+    assert os.path.getsize(path) == predicted.file_bytes == meta.file_bytes
+    conv1 = lora_shapes(tiny_unet(), ["conv1"])["down_blocks.0.resnets.0.conv1"]
+    assert len(conv1) == 4  # (c_out, c_in, 3, 3)
