@@ -23,6 +23,11 @@ UNET_CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
+# Flags for the data set the trainer loads itself (--train_data_dir, --dataset_name), not for a ready
+# TrainingSet a caller passes (DreamBooth's pairs, a sweep's shared cache).
+LOADED_DATA_ONLY = ("caption_dropout_rate", "aspect_ratio_buckets")
+# Flags that shape the LoRA layers or their optimiser: a full fine-tune or textual inversion has neither.
+LORA_ONLY = ("use_rslora", "use_dora", "loraplus_lr_ratio", "text_encoder_lr")
 
 
 def flag(default, help: str, **limits):
@@ -49,6 +54,11 @@ class TrainConfig:
     resolution: int | None = flag(None, "image size to train at; unset: the model's native size", above=0)
     center_crop: bool = flag(False, "crop the centre (else a random crop)")
     random_flip: bool = flag(False, "flip images left-right at random")
+    aspect_ratio_buckets: bool = flag(
+        False,
+        "kohya's enable_bucket: train each image near its own aspect ratio, in buckets of about "
+        "--resolution squared pixels (1:2 to 2:1), each batch from one bucket. Not for DreamBooth",
+    )
     train_batch_size: int = flag(1, "images per process per micro-batch", at_least=1)
     dataloader_num_workers: int = flag(0, "data loading processes (0: in the main process)", at_least=0)
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimiser step", at_least=1)
@@ -78,6 +88,21 @@ class TrainConfig:
         None, "LoRA alpha (the update is scaled by alpha / r); unset: the rank", above=0
     )
     lora_dropout: float = flag(0.0, "dropout on the LoRA input", at_least=0, below=1)
+    use_rslora: bool = flag(False, "rank-stabilised LoRA: scale the update by alpha / sqrt(r), not alpha / r")
+    use_dora: bool = flag(
+        False, "DoRA: also train a magnitude per output channel (weight-decomposed LoRA, peft's use_dora)"
+    )
+    loraplus_lr_ratio: float | None = flag(
+        None,
+        "LoRA+: the B factors (and DoRA's magnitudes) learn at this many times --learning_rate "
+        "(16 is the paper's usual; peft's create_loraplus_optimizer); unset: one rate",
+        above=0,
+    )
+    text_encoder_lr: float | None = flag(
+        None,
+        "learning rate of the text encoder's LoRA (with --train_text_encoder); unset: --learning_rate",
+        above=0,
+    )
     # "modules": target modules, names or one regex; on the command line one value with a regex character.
     target_modules: list[str] = field(
         default_factory=lambda: list(UNET_ATTENTION),
@@ -92,6 +117,13 @@ class TrainConfig:
     initializer_token: str | None = flag(None, "the word whose embedding the new one starts from")
     learned_embedding: str | None = flag(
         None, "a learned_embeds.safetensors to start the new word from (pivotal tuning's second phase)"
+    )
+    caption_dropout_rate: float = flag(
+        0.0,
+        "replace each caption by the empty one with this probability (kohya's; teaches the unconditional "
+        "prediction classifier-free guidance uses). Cached text embeddings stay on. Not for DreamBooth",
+        at_least=0,
+        below=1,
     )
     snr_gamma: float | None = flag(None, "Min-SNR loss weighting gamma (5 is usual); unset: none", above=0)
     noise_offset: float = flag(0.0, "noise offset (0.1 is usual)", at_least=0)
@@ -150,8 +182,22 @@ class TrainConfig:
             raise ValueError(
                 "--resume_from_checkpoint is for LoRA runs; a full fine-tune is the short reference"
             )
+        lora_only = [name for name in LORA_ONLY if getattr(self, name) not in (None, False)]
+        if lora_only and self.finetune != "lora":
+            raise ValueError(f"--{lora_only[0]} is for LoRA; this run is --finetune {self.finetune}")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("--text_encoder_lr needs --train_text_encoder: the text encoder is frozen")
         if self.cache_latents and not self.center_crop:
             raise ValueError("--cache_latents needs --center_crop: a random crop differs at every step")
+
+    def check_own_data_set(self, who: str) -> None:
+        """Refuse LOADED_DATA_ONLY flags where ``who`` (a trainer with its own data set) brings the data."""
+        given = [name for name in LOADED_DATA_ONLY if getattr(self, name)]
+        if given:
+            raise ValueError(
+                f"--{given[0]} applies to the data set lora_nb.train loads (--train_data_dir, "
+                f"--dataset_name); {who} builds its own"
+            )
 
 
 def check_value(f, value) -> None:

@@ -19,7 +19,7 @@ subject within a few steps and the word barely learns anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,13 +27,15 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from .config import TrainConfig, config_from_args, flag
+from .config import LORA_ONLY, TrainConfig, config_from_args, flag
 from .data import CaptionedImages, DataError, ImageTransform
 from .inference import load_base_pipeline
 from .textual_inversion import check_new_token
 from .train import TrainResult, train, training_resolution
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# The LoRA-only flags at their defaults (each off): what the pivotal phase trains with.
+LORA_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in LORA_ONLY}
 
 
 @dataclass
@@ -137,6 +139,7 @@ class DreamBoothPairs(torch.utils.data.Dataset):
 
 def check_config(config: DreamBoothConfig) -> None:
     config.validate()
+    config.check_own_data_set("DreamBooth")
     if not config.instance_data_dir or not config.instance_prompt:
         raise ValueError("DreamBooth needs --instance_data_dir and --instance_prompt")
     if config.with_prior_preservation and not (config.class_data_dir and config.class_prompt):
@@ -201,6 +204,7 @@ def dreambooth(config: DreamBoothConfig) -> TrainResult:
                 validation_prompt=None,
                 checkpointing_steps=0,
                 resume_from_checkpoint=None,
+                **LORA_DEFAULTS,  # the pivot learns a word, not LoRA: its layers' and optimiser's flags wait
             ),
             dataset,
         )

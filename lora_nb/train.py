@@ -54,10 +54,20 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .convert import select_component
-from .data import CaptionedImages, ImageTransform, TrainingSet, collate, load_captioned_dataset, tokenize
+from .data import (
+    BucketBatches,
+    CaptionedImages,
+    ImageTransform,
+    TrainingSet,
+    bucket_sizes,
+    collate,
+    load_captioned_dataset,
+    nearest_bucket,
+    tokenize,
+)
 from .formats import WEIGHT_NAME, read_json, read_lora, save_lora_weights
 from .inference import missing_base_model
-from .inject import find_targets, inject_lora, lora_parameters
+from .inject import find_targets, inject_lora, layer_parameters, lora_layers, lora_parameters
 from .objective import denoising_loss
 from .textual_inversion import (
     add_placeholder_token,
@@ -95,6 +105,8 @@ class TrainingDiverged(RuntimeError):
 
 def check_config(config: TrainConfig, needs_data: bool = True) -> None:
     config.validate()
+    if not needs_data:
+        config.check_own_data_set("a ready TrainingSet")
     if needs_data and config.dataset_name is None and config.train_data_dir is None:
         raise ValueError(
             "give --dataset_name (a hub id or a local folder) or --train_data_dir (a local folder)"
@@ -160,6 +172,18 @@ def training_precision(config: TrainConfig, cpu: bool) -> str:
     return config.mixed_precision
 
 
+def vae_scale_factor(vae_config) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def bucket_multiple(path: str) -> int:
+    """What a bucket's sides must divide by: the VAE's scale factor times the UNet's down-sampling (each
+    down block but the last halves the latents), so that every skip connection meets its like."""
+    vae_config = AutoencoderKL.load_config(path, subfolder="vae")
+    unet_config = UNet2DConditionModel.load_config(path, subfolder="unet")
+    return vae_scale_factor(vae_config) * 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
 def training_resolution(config: TrainConfig) -> int:
     """The image size to train at: --resolution, checked against the model, or the model's native size.
 
@@ -173,7 +197,7 @@ def training_resolution(config: TrainConfig) -> int:
         raise missing_base_model(
             "--pretrained_model_name_or_path", config.pretrained_model_name_or_path, error
         ) from None
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    factor = vae_scale_factor(vae_config)
     resolution = config.resolution or unet_config["sample_size"] * factor
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"--resolution {resolution}: this model's VAE needs a positive multiple of {factor}")
@@ -216,7 +240,14 @@ def load_training_set(config: TrainConfig, resolution: int, seed: int) -> Captio
     if config.max_train_samples:
         dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
     transform = ImageTransform(resolution, config.center_crop, config.random_flip)
-    return CaptionedImages(dataset[config.image_column], dataset[config.caption_column], transform, seed)
+    images, captions = dataset[config.image_column], dataset[config.caption_column]
+    sizes = None
+    if config.aspect_ratio_buckets:
+        buckets = bucket_sizes(resolution, bucket_multiple(config.pretrained_model_name_or_path))
+        sizes = [nearest_bucket(*image.size, buckets) for image in images]
+    return CaptionedImages(
+        images, captions, transform, seed, caption_dropout=config.caption_dropout_rate, sizes=sizes
+    )
 
 
 # ---------------------------------------------------------------- one step
@@ -356,7 +387,7 @@ def restore_lora(checkpoint: Path, models: dict[str, torch.nn.Module]) -> None:
         odd = sorted(set(tensors) ^ set(wanted))[:3]
         raise ValueError(
             f"checkpoint {checkpoint} does not match this run's LoRA layers (first differing keys: "
-            f"{odd}); resume with its --target_modules and --train_text_encoder"
+            f"{odd}); resume with its --target_modules, --train_text_encoder and --use_dora"
         )
     for key, value in wanted.items():
         if tensors[key].shape != value.shape:
@@ -700,17 +731,11 @@ def trainable_parameters(config: TrainConfig, components: Components, resume_fro
         params = [components.text_encoder.get_input_embeddings().weight]
     else:
         torch.manual_seed(seed)  # the A factors' initialisation
-        inject_lora(
-            components.unet, config.target_modules, config.rank, config.lora_alpha, config.lora_dropout
-        )
+        variant = {"use_rslora": config.use_rslora, "use_dora": config.use_dora}
+        options = (config.rank, config.lora_alpha, config.lora_dropout)
+        inject_lora(components.unet, config.target_modules, *options, **variant)
         if config.train_text_encoder:
-            inject_lora(
-                components.text_encoder,
-                config.text_encoder_target_modules,
-                config.rank,
-                config.lora_alpha,
-                config.lora_dropout,
-            )
+            inject_lora(components.text_encoder, config.text_encoder_target_modules, *options, **variant)
         if resume_from:
             text = {"text_encoder": components.text_encoder} if config.train_text_encoder else {}
             restore_lora(resume_from, {"unet": components.unet, **text})
@@ -720,6 +745,49 @@ def trainable_parameters(config: TrainConfig, components: Components, resume_fro
         if config.train_text_encoder:
             components.text_encoder.gradient_checkpointing_enable()
     return params, restore_other_rows
+
+
+def make_loader(config: TrainConfig, dataset, seed: int, num_processes: int) -> torch.utils.data.DataLoader:
+    """Shuffled batches (accelerate shards them across processes and reseeds the shuffle per epoch); with
+    --aspect_ratio_buckets, batches of one bucket each, shuffled per epoch by BucketBatches itself."""
+    common = {"collate_fn": collate, "num_workers": config.dataloader_num_workers}
+    if config.aspect_ratio_buckets:
+        batches = BucketBatches(dataset, dataset.sizes, config.train_batch_size, seed, num_processes)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        **common,
+    )
+
+
+def parameter_groups(config: TrainConfig, components: Components, params: list, lr_factor: float = 1):
+    """AdamW's parameter groups, one per learning rate (each times ``lr_factor``, --scale_lr's).
+
+    With neither --text_encoder_lr nor --loraplus_lr_ratio: one group, --learning_rate. The text encoder's
+    LoRA learns at --text_encoder_lr. LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer) puts
+    every B factor at ratio x its model's rate, and DoRA's magnitudes with them: peft groups 1-D
+    parameters with B, which are a Linear's magnitudes (a Conv2d's, (1, d_out, 1, 1), fall with A there
+    by shape alone; here every magnitude goes with B). peft's separate groups for LoRA'd embeddings and
+    for biases/LayerNorms without decay do not arise: LoRA here wraps Linear and Conv2d layers only,
+    whose factors have no bias. --adam_weight_decay applies to every group, as in kohya (peft's
+    loraplus_weight_decay, 0 by default, would replace it). The schedule scales every group alike.
+    """
+    if config.finetune != "lora" or not (config.loraplus_lr_ratio or config.text_encoder_lr):
+        return [{"params": params, "lr": config.learning_rate * lr_factor}]
+    text_lr = config.text_encoder_lr or config.learning_rate
+    groups = []
+    for model, lr in ((components.unet, config.learning_rate), (components.text_encoder, text_lr)):
+        layers = [layer_parameters(layer) for layer in lora_layers(model).values()]  # [A, B, magnitude?]
+        if config.loraplus_lr_ratio:
+            a, b = [ps[0] for ps in layers], [p for ps in layers for p in ps[1:]]
+            pairs = [(a, lr), (b, lr * config.loraplus_lr_ratio)]
+        else:
+            pairs = [([p for ps in layers for p in ps], lr)]
+        groups += [{"params": ps, "lr": rate * lr_factor} for ps, rate in pairs if ps]
+    return groups
 
 
 def prepare_run(
@@ -735,20 +803,12 @@ def prepare_run(
     with accelerator.autocast():
         dataset.cache(components, latents=cache, text=not text_trains, device=accelerator.device)
 
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=config.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        num_workers=config.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    lr = config.learning_rate
+    loader = make_loader(config, dataset, seed, accelerator.num_processes)
+    lr_factor = 1
     if config.scale_lr:
-        lr *= config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+        lr_factor = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(
-        params,
-        lr=lr,
+        parameter_groups(config, components, params, lr_factor),
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,

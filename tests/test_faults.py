@@ -231,6 +231,15 @@ def test_a_nan_scale_is_refused(tmp_path):
         ({"target_modules": "to_(q"}, "--target_modules 'to_\\(q' is not a valid regex"),
         ({"target_modules": []}, "--target_modules must be module names"),
         ({"rank": 4.5}, "--rank 4.5: must be a whole number"),
+        ({"use_dora": True, "finetune": "full"}, "--use_dora is for LoRA; this run is --finetune full"),
+        ({"loraplus_lr_ratio": 0}, "--loraplus_lr_ratio 0: must be a number above 0"),
+        ({"text_encoder_lr": 1e-4}, "--text_encoder_lr needs --train_text_encoder"),
+        ({"text_encoder_lr": -1.0, "train_text_encoder": True}, "--text_encoder_lr -1.0: must be a number"),
+        (
+            {"caption_dropout_rate": 1.0},
+            "--caption_dropout_rate 1.0: must be a number at least 0 and below 1",
+        ),
+        ({"aspect_ratio_buckets": "yes"}, "--aspect_ratio_buckets must be True or False"),
     ],
 )
 def test_impossible_flags_are_refused_before_anything_loads(tmp_path, monkeypatch, overrides, message):
