@@ -1,12 +1,16 @@
 """The course: every notebook runs under papermill and shows what it promises; the files stay diff-friendly."""
 
 import json
+import re
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from lora_nb.course import course_notebooks, run_notebook
 from lora_nb.formats import read_lora
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The figures each notebook saves (and shows); a new notebook must be listed here.
 EXPECTED_FIGURES = {
@@ -92,3 +96,16 @@ def test_parameters_can_be_injected(tmp_path):
         (tmp_path / notebook.stem / "lora" / "README.md").read_text().split("```json")[1].split("```")[0]
     )
     assert state["max_train_steps"] == 10
+
+
+def test_every_notebook_installs_and_links_the_repository_pyproject_names():
+    import tomllib
+
+    url = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    colab = url.replace("https://github.com/", "https://colab.research.google.com/github/")
+    for notebook in NOTEBOOKS:
+        text = notebook.read_text()
+        clones = re.findall(r"git clone -q (\S+) ", text)
+        badges = re.findall(r"https://colab\.research\.google\.com/github/[^)\"]+", text)
+        assert clones == [url], (notebook.name, clones)
+        assert badges and all(b == f"{colab}/blob/main/notebooks/{notebook.name}" for b in badges), badges
