@@ -130,6 +130,12 @@ def train_vae(pipe, work: Path, args) -> None:
         if "optimizer" in state:  # not when seeded from an export (--init-from)
             optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    else:
+        # Start from a near-deterministic posterior (std e^-4): at logvar 0 the sampled latents are so noisy
+        # that the decoder learns to paint every body the data set's mean brown. The KL term's weight is
+        # tiny, as in SD's VAE, so the encoder keeps the latitude it needs.
+        with torch.no_grad():
+            vae.quant_conv.bias[vae.config.latent_channels :].fill_(-8.0)
     vae.train()
     start = time.time()
     while step < args.vae_steps:
@@ -314,13 +320,30 @@ def export(pipe, work: Path, out: Path, args) -> None:
     card.data.pretrain_steps = {"vae": vae_steps, "unet": state["step"]}  # read back by --init-from
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
     card.save(tmp / "README.md")
-    # Swap folders so a reader never sees a half-written pipeline.
+    swap_into(tmp, out)
+    print(f"exported step {state['step']} to {out}")
+
+
+def swap_into(tmp: Path, out: Path) -> None:
+    """Replace folder `out` by `tmp` so that a reader never sees a half-written export."""
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"exported step {state['step']} to {out}")
+
+
+def export_vae(pipe, work: Path, out: Path) -> None:
+    """Export the VAE alone (before the UNet stage has a checkpoint), so --init-from can continue it."""
+    state = load_checkpoint(work / "vae.pt")
+    pipe.vae.load_state_dict(state["vae"])
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.vae.save_pretrained(tmp / "vae")
+    card = ModelCard(f"# tiny-sd in pretraining: the VAE after {state['step']} steps (no UNet yet)\n")
+    card.data.pretrain_steps = {"vae": state["step"]}
+    card.save(tmp / "README.md")
+    swap_into(tmp, out)
+    print(f"exported the VAE at step {state['step']} to {out}")
 
 
 def seed_from_export(export: Path, work: Path) -> None:
@@ -329,13 +352,17 @@ def seed_from_export(export: Path, work: Path) -> None:
     The export holds the EMA weights; they become both the weights and their average. The optimiser's
     moments are not exported, so AdamW starts afresh (after its warm-up, as at the start).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    exported = StableDiffusionPipeline.from_pretrained(export)
     steps = ModelCard.load(export / "README.md").data.get("pretrain_steps")
     if not steps:
         raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
-    save_atomically({"vae": exported.vae.state_dict(), "step": steps["vae"]}, work / "vae.pt")
+    vae = AutoencoderKL.from_pretrained(export / "vae")
+    save_atomically({"vae": vae.state_dict(), "step": steps["vae"]}, work / "vae.pt")
+    if "unet" not in steps:  # a VAE-only export (export_vae): the UNet stage starts from scratch
+        print(f"seeded {work} from {export}: VAE step {steps['vae']}")
+        return
+    exported = StableDiffusionPipeline.from_pretrained(export)
     unet, text = exported.unet.state_dict(), exported.text_encoder.state_dict()
     save_atomically(
         {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text, "step": steps["unet"]},
@@ -352,7 +379,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=TINY_SD_PATH)
     parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch-size", type=int, default=16)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-lr", type=float, default=4e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -374,12 +401,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.init_from and not (args.work / "denoiser.pt").exists():
+    if args.init_from and not (args.work / "vae.pt").exists():
         seed_from_export(args.init_from, args.work)
     pipe = build_untrained_pipeline(seed=0)
     if not args.export_only:
         train_vae(pipe, args.work, args)
         train_denoiser(pipe, args.work, args)
+    elif not (args.work / "denoiser.pt").exists():
+        return export_vae(pipe, args.work, args.out)
     else:
         pipe.vae.load_state_dict(load_checkpoint(args.work / "vae.pt")["vae"])
         pipe.vae.register_to_config(scaling_factor=load_checkpoint(args.work / "pool.pt")["scaling"])
