@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from lora_nb.course.tiny import TINY_SD_PATH
+
 from .common import Section, Settings
 
-MODELS = ("tiny", "sd15", "sdxl")
+MODELS = (str(TINY_SD_PATH), "sd15", "sdxl")
 TARGETS = ("attention", "cross-attention", "attention+ff")
 RANKS = (1, 4, 16, 64)
 
@@ -57,7 +59,8 @@ def benchmark(settings: Settings) -> Section:
     for rank in ranks:
         for targets in TARGETS:
             predicted = (
-                next(r for r in size_table(("tiny",), (targets,), (rank,), ("fp32",)))["file_mb"] * 1e6
+                next(r for r in size_table((str(TINY_SD_PATH),), (targets,), (rank,), ("fp32",)))["file_mb"]
+                * 1e6
             )
             actual = saved_tiny_file(settings.model, rank, targets)
             if round(predicted) != actual:

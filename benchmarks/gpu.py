@@ -38,9 +38,9 @@ def lora_training_step(unet, device: str, latent_size: int, text_width: int, bat
     """A closure running one fp16-autocast LoRA training step, as lora_nb.train does with fp16."""
     from diffusers import DDPMScheduler
 
+    from lora_nb.course.tiny import SCHEDULER_CONFIG
     from lora_nb.inject import lora_parameters
     from lora_nb.objective import denoising_loss
-    from lora_nb.tiny import SCHEDULER_CONFIG
 
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)  # SD 1.5's noise schedule
     params = lora_parameters(unet)

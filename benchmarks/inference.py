@@ -40,7 +40,8 @@ def randomise_lora(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def tiny_pipelines(model: Path, workdir: Path):
-    from lora_nb import inject_lora, load_lora_pipeline, load_tiny_pipeline, save_lora_weights
+    from lora_nb import inject_lora, load_lora_pipeline, save_lora_weights
+    from lora_nb.course.tiny import load_tiny_pipeline
     from lora_nb.inject import UNET_ATTENTION
 
     base = load_tiny_pipeline(model)
@@ -127,7 +128,7 @@ def bench_tiny(settings: Settings) -> tuple[list[list[str]], list[Target], list[
     def call(pipe):
         return lambda: time_per_call(lambda: run_pipe(pipe), settings.min_time)
 
-    from lora_nb import load_tiny_pipeline
+    from lora_nb.course.tiny import load_tiny_pipeline
 
     control = load_tiny_pipeline(settings.model)  # A/A: a second, identical base pipeline
     control.set_progress_bar_config(disable=True)

@@ -151,7 +151,7 @@ def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = Non
             1e-9,
         ),
     ]
-    from lora_nb.course import course_notebooks
+    from lora_nb.course.runner import course_notebooks
 
     names = ", ".join(nb.name for nb in course_notebooks(only))
     notes = [

@@ -1,5 +1,12 @@
 """lora_nb: LoRA fine-tuning of Stable Diffusion, small enough to read. The names a notebook uses.
 
+Reading order, following a batch from files to images: `layers` (a LoRA layer: B(A x)) -> `inject` (put
+layers on a model's targets) -> `data` (images and captions to batches) -> `objective` (the denoising loss)
+-> `config` and `train` (the trainer: setup, the loop, finish) -> `formats` and `convert` (adapter files,
+their layouts) -> `inference` (an adapter on an unmodified base pipeline); beside them `dreambooth`,
+`textual_inversion`, `mix`, `extract`, `sizes`. The course (the embedded tiny model, data sets, figures,
+the notebook runner) is `lora_nb.course`; the library never imports it.
+
 They load on first use (PEP 562). `python -m lora_nb.train` imports this package before it runs train.py as
 __main__: importing lora_nb.train here as well would load it twice (runpy's RuntimeWarning), and the torch
 and diffusers imports would come before the command line's flags are even read.
@@ -11,7 +18,6 @@ import types
 
 __all__ = [
     "TEXT_ENCODER_ATTENTION",
-    "TINY_SD_PATH",
     "UNET_ATTENTION",
     "UNET_CROSS_ATTENTION",
     "LoRAConv2d",
@@ -24,7 +30,6 @@ __all__ = [
     "inject_lora",
     "load_lora_pipeline",
     "load_lora_weights",
-    "load_tiny_pipeline",
     "lora_layers",
     "lora_parameters",
     "lora_state_dict",
@@ -63,7 +68,6 @@ _SOURCES = {  # each name's submodule
     "load_lora_pipeline": "inference",
     **dict.fromkeys(["LoRAConv2d", "LoRALayer", "LoRALinear"], "layers"),
     "mix_loras": "mix",
-    **dict.fromkeys(["TINY_SD_PATH", "load_tiny_pipeline"], "tiny"),
     "train": "train",
 }
 

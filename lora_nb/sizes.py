@@ -9,6 +9,7 @@ every module and shape, no memory. The layers counted are exactly the ones ``inj
 because the same ``find_targets`` picks them.
 
     python -m lora_nb.sizes --models sd15 sd21 sdxl --ranks 1 4 16 --targets attention cross-attention
+    python -m lora_nb.sizes --models data/tiny-sd --ranks 4   # any local diffusers folder
 """
 
 import argparse
@@ -23,7 +24,6 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from . import tiny
 from .convert import MAGNITUDE, metadata_for
 from .formats import file_header
 from .inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, find_targets
@@ -34,9 +34,8 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
 # Each model's parts, by the key prefix diffusers gives their LoRA weights; configs/<model>_<part>.json holds
-# the hub's config.json for that part (the tiny model's come from lora_nb.tiny).
+# the hub's config.json for that part. Any local diffusers folder works too: its <part>/config.json.
 MODELS = {
-    "tiny": ("unet", "text_encoder"),
     "sd15": ("unet", "text_encoder"),
     "sd21": ("unet", "text_encoder"),
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
@@ -44,21 +43,32 @@ MODELS = {
 _TEXT_ENCODER_CLASSES = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
 
 
+def model_parts(model: str) -> tuple[str, ...]:
+    """The parts of a named model (MODELS) or of a local diffusers folder (those with a config.json)."""
+    if model in MODELS:
+        return MODELS[model]
+    parts = tuple(
+        p for p in ("unet", "text_encoder", "text_encoder_2") if (Path(model) / p / "config.json").is_file()
+    )
+    if not parts:
+        raise ValueError(
+            f"unknown model {model!r}: not one of {list(MODELS)}, nor a folder with unet/config.json"
+        )
+    return parts
+
+
 def load_config(model: str, part: str = "unet") -> dict:
-    """The shipped config.json of one part of a model, e.g. ("sd15", "unet")."""
-    return json.loads((CONFIG_DIR / f"{model}_{part}.json").read_text())
+    """The config.json of one part of a model, e.g. ("sd15", "unet") or ("data/tiny-sd", "text_encoder")."""
+    path = CONFIG_DIR / f"{model}_{part}.json" if model in MODELS else Path(model) / part / "config.json"
+    return json.loads(path.read_text())
 
 
 def build_meta(model: str, part: str = "unet") -> nn.Module:
-    """One part of a named model on the meta device: the real module tree and shapes, no weights."""
-    if model not in MODELS or part not in MODELS[model]:
-        raise ValueError(f"unknown model part {model}/{part}; known: {MODELS}")
+    """One part of a model on the meta device: the real module tree and shapes, no weights."""
+    if part not in model_parts(model):
+        raise ValueError(f"model {model!r} has no part {part!r}; it has {model_parts(model)}")
+    config = load_config(model, part)
     with torch.device("meta"):  # parameters get shapes but no storage: SDXL costs no memory
-        if model == "tiny":
-            if part == "unet":
-                return UNet2DConditionModel(**tiny.UNET_CONFIG)
-            return tiny.build_text_encoder(tiny.build_tokenizer())
-        config = load_config(model, part)
         if part == "unet":
             return UNet2DConditionModel.from_config(config)
         cls = _TEXT_ENCODER_CLASSES[config["architectures"][0]]  # SDXL's second one has a projection
@@ -179,7 +189,7 @@ def size_table(
         with_text = {target: text_encoder or TARGET_SETS[target][1] for target in targets}
         text_encoders = {}
         if any(with_text.values()):
-            text_encoders = {part: build_meta(name, part) for part in MODELS[name] if part != "unet"}
+            text_encoders = {part: build_meta(name, part) for part in model_parts(name) if part != "unet"}
         for target_name in targets:
             chosen = {"unet": (unet, TARGET_SETS[target_name][0])}
             if with_text[target_name]:
@@ -217,7 +227,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["sd15"], choices=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", default=["sd15"], help=f"any of {list(MODELS)}, or a local diffusers folder"
+    )
     parser.add_argument("--targets", nargs="+", default=["attention"], choices=list(TARGET_SETS))
     parser.add_argument("--ranks", nargs="+", type=int, default=[4])
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(BYTES))
@@ -225,6 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         "--text-encoder", action="store_true", help="also LoRA on the text encoders' attention"
     )
     args = parser.parse_args(argv)
+    for model in args.models:
+        try:
+            model_parts(model)
+        except ValueError as error:
+            parser.error(f"--models: {error}")
     if any(rank < 1 for rank in args.ranks):
         parser.error(f"--ranks {' '.join(map(str, args.ranks))}: a LoRA rank is a positive integer")
     print(markdown_table(size_table(args.models, args.targets, args.ranks, args.dtype, args.text_encoder)))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from lora_nb.evaluate import prompt_following, prompt_suite, reconstruction_error
-from lora_nb.tiny import TINY_SD_PATH, load_tiny_pipeline
-from lora_nb.viz import image_grid, save_figure
-from lora_nb.world import COLOURS, SHAPES, draw_creature_sample, draw_parts_sample, draw_subject_sample
+from lora_nb.course.evaluate import prompt_following, prompt_suite, reconstruction_error
+from lora_nb.course.tiny import TINY_SD_PATH, load_tiny_pipeline
+from lora_nb.course.viz import image_grid, save_figure
+from lora_nb.course.world import COLOURS, SHAPES, draw_creature_sample, draw_parts_sample, draw_subject_sample
 
 HELD_OUT_SEEDS = range(50_000, 50_200)  # never in the pretraining pool
 

@@ -1,4 +1,4 @@
-"""Pretrain the embedded tiny Stable Diffusion on the 64 px parts world (`lora_nb.world`) and export it.
+"""Pretrain the embedded tiny Stable Diffusion on the 64 px parts world (`lora_nb.course.world`) and export it.
 
     python scripts/pretrain_tiny_sd.py --work pretrain-work            # resumes from pretrain-work/ if there
     python scripts/pretrain_tiny_sd.py --work pretrain-work --export-only
@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard
 
-from lora_nb.data import tokenize
-from lora_nb.objective import denoising_loss
-from lora_nb.tiny import SCHEDULER_CONFIG, TINY_SD_PATH, build_text_encoder, build_tokenizer
-from lora_nb.world import (
+from lora_nb.course.tiny import SCHEDULER_CONFIG, TINY_SD_PATH, build_text_encoder, build_tokenizer
+from lora_nb.course.world import (
     IMAGE_SIZE,
     draw_creature_sample,
     draw_parts_sample,
@@ -39,6 +37,8 @@ from lora_nb.world import (
     parts_caption,
     vocabulary,
 )
+from lora_nb.data import tokenize
+from lora_nb.objective import denoising_loss
 
 POOL_FIRST_SEED = 1_000_000  # far from the shipped sets' seeds, which stay held out
 VAE_FIRST_SEED = 2_000_000

@@ -6,7 +6,7 @@ import torch
 from conftest import TEXT_DIM
 
 from lora_nb import UNET_CROSS_ATTENTION, inject_lora
-from lora_nb.attention import (
+from lora_nb.course.attention import (
     AttentionStore,
     attention_modules,
     attention_table,
@@ -16,7 +16,7 @@ from lora_nb.attention import (
     prompt_tokens,
     token_indices,
 )
-from lora_nb.tiny import build_tokenizer
+from lora_nb.course.tiny import build_tokenizer
 
 
 def processors(unet):

@@ -423,8 +423,8 @@ def test_each_layout_draws_the_same_image_on_the_embedded_pipeline(tmp_path, lay
     """The issue's bar: on data/tiny-sd itself, every layout gives the image its source adapter gives."""
     import numpy as np
 
+    from lora_nb.course.tiny import TINY_SD_PATH
     from lora_nb.inference import load_base_pipeline, load_lora_pipeline
-    from lora_nb.tiny import TINY_SD_PATH
 
     source = load_base_pipeline(TINY_SD_PATH)
     torch.manual_seed(0)

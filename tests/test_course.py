@@ -7,8 +7,8 @@ import time
 import nbformat
 import pytest
 
-from lora_nb import course
-from lora_nb.course_site import NotebookRun
+from lora_nb.course import runner as course
+from lora_nb.course.site import NotebookRun
 
 
 def write_notebook(path, *sources, prose=None, key_figure=None):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_nb.course import course_notebooks
-from lora_nb.course_site import (
+from lora_nb.course.runner import course_notebooks
+from lora_nb.course.site import (
     Failure,
     NotebookRun,
     add_nav,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_nb.course.tiny import TINY_SD_PATH, build_tokenizer
 from lora_nb.data import DataError, ImageTransform, check_imagefolder, load_captioned_dataset, tokenize
-from lora_nb.tiny import TINY_SD_PATH, build_tokenizer
 
 DATA = TINY_SD_PATH.parent
 

@@ -8,11 +8,11 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from lora_nb import load_lora_pipeline
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import DataError
 from lora_nb.dreambooth import DreamBoothConfig, DreamBoothPairs, dreambooth
 from lora_nb.formats import read_lora
 from lora_nb.textual_inversion import EMBEDDING_NAME
-from lora_nb.tiny import TINY_SD_PATH
 
 SUBJECT = TINY_SD_PATH.parent / "subject"
 
@@ -131,8 +131,8 @@ def test_pivotal_tuning_saves_a_word_and_a_lora_that_load_together(tmp_path):
 
 
 def test_the_learned_word_moved_and_nothing_else(tmp_path):
+    from lora_nb.course.tiny import load_tiny_pipeline
     from lora_nb.textual_inversion import read_learned_embedding
-    from lora_nb.tiny import load_tiny_pipeline
 
     result = dreambooth(
         config(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lora_nb.evaluate import (
+from lora_nb.course.evaluate import (
     body_colour,
     colour_mask,
     dot_count,
@@ -15,7 +15,7 @@ from lora_nb.evaluate import (
     prompt_suite,
     shape_of,
 )
-from lora_nb.world import draw_creature_sample, draw_parts_sample, render_parts
+from lora_nb.course.world import draw_creature_sample, draw_parts_sample, render_parts
 
 SEEDS = range(7000, 7300)
 

@@ -23,6 +23,7 @@ from test_formats import assert_untouched, snapshot, trained_pair
 from test_train import CREATURES, REPO, small
 
 from lora_nb.config import TrainConfig, build_parser, config_from_args
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import DataError, check_imagefolder
 from lora_nb.formats import (
     METADATA_KEY,
@@ -35,7 +36,6 @@ from lora_nb.formats import (
     save_lora_weights,
 )
 from lora_nb.inject import UNET_ATTENTION, inject_lora, lora_layers, set_lora_scale
-from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import LOCK_NAME, TrainingDiverged, train
 
 train_module = importlib.import_module("lora_nb.train")  # the module; lora_nb.train is the function
@@ -441,7 +441,7 @@ def test_sizes_refuses_ranks_below_one(capsys):
     from lora_nb.sizes import main
 
     with pytest.raises(SystemExit):
-        main(["--models", "tiny", "--ranks", "0", "-3"])
+        main(["--models", "sd15", "--ranks", "0", "-3"])
     assert "--ranks 0 -3: a LoRA rank is a positive integer" in capsys.readouterr().err
 
 

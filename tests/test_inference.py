@@ -6,8 +6,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from lora_nb import inject_lora, load_lora_pipeline, save_lora_weights
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.inference import base_model_from_card
-from lora_nb.tiny import TINY_SD_PATH
 
 PROMPT = "a red circle"
 

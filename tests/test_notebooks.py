@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lora_nb.course import course_notebooks, run_notebook
+from lora_nb.course.runner import course_notebooks, run_notebook
 from lora_nb.formats import read_lora
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,10 +1,10 @@
-"""lora_nb.prefetch: what it fetches is what the course loads offline (checked on a tiny stand-in)."""
+"""lora_nb.course.prefetch: what it fetches is what the course loads offline (checked on a tiny stand-in)."""
 
 import subprocess
 
 import pytest
 
-from lora_nb import prefetch, rehearsal
+from lora_nb.course import prefetch, rehearsal
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_nb.course import course_notebooks
-from lora_nb.prefetch import NARUTO, SD15
-from lora_nb.rehearsal import (
+from lora_nb.course.prefetch import NARUTO, SD15
+from lora_nb.course.rehearsal import (
     CPU_OVERRIDES,
     SD15_LISTING,
     VOCAB_SIZE,
@@ -22,6 +21,7 @@ from lora_nb.rehearsal import (
     tiny_configs,
     write_snapshot,
 )
+from lora_nb.course.runner import course_notebooks
 
 NOTEBOOKS = {nb.stem: nb for nb in course_notebooks()}
 

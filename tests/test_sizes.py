@@ -5,7 +5,7 @@ import torch
 from conftest import make_text_encoder
 from diffusers import UNet2DConditionModel
 
-from lora_nb import tiny
+from lora_nb.course import tiny
 from lora_nb.formats import save_lora_weights
 from lora_nb.inject import (
     TEXT_ENCODER_ATTENTION,
@@ -76,7 +76,7 @@ def test_predicted_file_size_is_the_saved_files_size_exactly(tmp_path, dtype):
 def test_parameter_count_equals_an_injected_models_trainable_count(targets, rank):
     unet = tiny_unet()
     predicted = adapter_size({"unet": (unet, targets)}, rank)
-    meta = adapter_size({"unet": (build_meta("tiny"), targets)}, rank)
+    meta = adapter_size({"unet": (build_meta(str(tiny.TINY_SD_PATH)), targets)}, rank)
     names = inject_lora(unet, targets, rank=rank)
     trainable, total = count_parameters(unet)
     assert predicted.lora_params == meta.lora_params == trainable
@@ -122,8 +122,10 @@ def test_every_model_part_builds_and_unknown_ones_are_named():
             assert lora_shapes(
                 build_meta(model, part), UNET_ATTENTION if part == "unet" else TEXT_ENCODER_ATTENTION
             )
-    with pytest.raises(ValueError, match="sd3/unet"):
+    with pytest.raises(ValueError, match="unknown model 'sd3'"):
         build_meta("sd3")
+    with pytest.raises(ValueError, match="no part 'text_encoder_2'"):
+        build_meta("sd15", "text_encoder_2")
     with pytest.raises(ValueError, match="dtype"):
         adapter_size({"unet": (tiny_unet(), UNET_ATTENTION)}, 4, dtype="int8")
 
@@ -137,7 +139,9 @@ CONV_TARGETS = ["to_q", "to_v", "proj_in", "proj_out", "conv1", "conv2"]  # kohy
 def test_conv_targets_and_dora_magnitudes_are_counted_to_the_byte(tmp_path, variant):
     unet = tiny_unet()
     predicted = adapter_size({"unet": (unet, CONV_TARGETS)}, rank=3, alpha=6, **variant)
-    meta = adapter_size({"unet": (build_meta("tiny"), CONV_TARGETS)}, rank=3, alpha=6, **variant)
+    meta = adapter_size(
+        {"unet": (build_meta(str(tiny.TINY_SD_PATH)), CONV_TARGETS)}, rank=3, alpha=6, **variant
+    )
     names = inject_lora(unet, CONV_TARGETS, rank=3, alpha=6, **variant)
     trainable, _ = count_parameters(unet)
     assert predicted.lora_params == meta.lora_params == trainable and predicted.layers == len(names)

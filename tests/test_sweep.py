@@ -6,13 +6,13 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from lora_nb.course.evaluate import HeldOut
+from lora_nb.course.sweep import BASE, format_bytes, meta_parts, run_label, run_sweep, sweep_table
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import load_captioned_dataset
-from lora_nb.evaluate import HeldOut
 from lora_nb.formats import read_lora
 from lora_nb.inference import load_base_pipeline
 from lora_nb.sizes import adapter_size
-from lora_nb.sweep import BASE, format_bytes, meta_parts, run_label, run_sweep, sweep_table
-from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 
 CREATURES = TINY_SD_PATH.parent / "creatures"

@@ -3,8 +3,8 @@
 import hashlib
 import json
 
-from lora_nb.evaluate import dominant_colour
-from lora_nb.synthetic import (
+from lora_nb.course.evaluate import dominant_colour
+from lora_nb.course.synthetic import (
     COLOURS,
     DATASETS,
     draw_creature_sample,
@@ -13,7 +13,7 @@ from lora_nb.synthetic import (
     shape_caption,
     write_imagefolder,
 )
-from lora_nb.tiny import TINY_SD_PATH
+from lora_nb.course.tiny import TINY_SD_PATH
 
 DATA = TINY_SD_PATH.parent
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lora_nb.course.tiny import build_text_encoder, build_tokenizer
 from lora_nb.textual_inversion import (
     add_placeholder_token,
     nearest_words,
@@ -10,7 +11,6 @@ from lora_nb.textual_inversion import (
     save_learned_embedding,
     train_only_rows,
 )
-from lora_nb.tiny import build_text_encoder, build_tokenizer
 
 
 @pytest.fixture

@@ -5,9 +5,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lora_nb.evaluate import foreground_mask
-from lora_nb.synthetic import vocabulary
-from lora_nb.tiny import MAX_TOKENS, TINY_SD_PATH, build_tokenizer, learn_bpe_merges, load_tiny_pipeline
+from lora_nb.course.evaluate import foreground_mask
+from lora_nb.course.synthetic import vocabulary
+from lora_nb.course.tiny import (
+    MAX_TOKENS,
+    TINY_SD_PATH,
+    build_tokenizer,
+    learn_bpe_merges,
+    load_tiny_pipeline,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import safetensors.torch
 import torch
 
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import CaptionedImages, DataError
 from lora_nb.formats import WEIGHT_NAME, read_lora
-from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, TrainingDiverged, config_from_args, train
 
 train_module = importlib.import_module("lora_nb.train")  # the module; lora_nb.train is the function
@@ -273,7 +273,7 @@ def test_cli_flags_map_to_the_config():
 TWO_PROCESS_SCRIPT = """
 import sys, safetensors.torch
 from lora_nb.formats import lora_state_dict
-from lora_nb.tiny import TINY_SD_PATH
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 from accelerate import PartialState
 result = train(TrainConfig(str(TINY_SD_PATH), train_data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_samples=8,

@@ -14,9 +14,9 @@ import torch
 from test_train import CREATURES
 from test_train import small as train_small
 
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.formats import METADATA_KEY
 from lora_nb.inject import lora_layers
-from lora_nb.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 
 train_module = importlib.import_module("lora_nb.train")  # the module; lora_nb.train is the function
@@ -322,7 +322,7 @@ BUCKETED_TWO_PROCESS_SCRIPT = """
 import sys, safetensors.torch
 from accelerate import PartialState
 from lora_nb.formats import lora_state_dict
-from lora_nb.tiny import TINY_SD_PATH
+from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 result = train(TrainConfig(str(TINY_SD_PATH), train_data_dir=sys.argv[1], output_dir=sys.argv[2],
                            aspect_ratio_buckets=True, center_crop=True, train_batch_size=2, max_train_steps=4,

@@ -99,7 +99,7 @@ def locon_unet() -> nn.Module:
 
 
 def test_the_tiny_unets_have_sd15s_1x1_convolution_projections(unet):
-    from lora_nb.tiny import TINY_SD_PATH
+    from lora_nb.course.tiny import TINY_SD_PATH
 
     shipped = json.loads((Path(TINY_SD_PATH) / "unet" / "config.json").read_text())
     assert shipped["use_linear_projection"] is False and unet.config.use_linear_projection is False

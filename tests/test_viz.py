@@ -6,7 +6,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from lora_nb.viz import (
+from lora_nb.course.viz import (
     attention_figure,
     image_grid,
     layer_energy_figure,

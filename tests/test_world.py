@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from lora_nb.tiny import build_tokenizer
-from lora_nb.world import (
+from lora_nb.course.tiny import build_tokenizer
+from lora_nb.course.world import (
     ATTACHMENTS,
     CREATURE_WORDS,
     IMAGE_SIZE,

@@ -1,8 +1,8 @@
 """Fetch what the course's real mode needs into the Hugging Face cache, once, then run it offline.
 
-    python -m lora_nb.prefetch                 # SD 1.5 and the naruto captions (about 5.4 GB), then a check
-    python -m lora_nb.prefetch --check         # only the check: would the course load everything offline?
-    HF_HOME=/mnt/usb/hf python -m lora_nb.prefetch    # a shared cache for a room of laptops
+    python -m lora_nb.course.prefetch                 # SD 1.5 and the naruto captions (about 5.4 GB), then a check
+    python -m lora_nb.course.prefetch --check         # only the check: would the course load everything offline?
+    HF_HOME=/mnt/usb/hf python -m lora_nb.course.prefetch    # a shared cache for a room of laptops
 
 Interrupted, it resumes: files already complete are skipped, a partial one continues. Afterwards the course
 runs with `HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1` (the same HF_HOME), for instance at a workshop.
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_offline(args.model, args.dataset or None)
     except subprocess.CalledProcessError:
-        sys.exit("offline check failed (see above): run `python -m lora_nb.prefetch` again with network")
+        sys.exit(
+            "offline check failed (see above): run `python -m lora_nb.course.prefetch` again with network"
+        )
     print("ready: run the course with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1")
 
 

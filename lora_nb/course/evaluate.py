@@ -354,7 +354,7 @@ class HeldOut:
     def __init__(self, pipe, images, captions, seed: int = 0, repeats: int = 4, batch_size: int = 32):
         from diffusers import DDPMScheduler
 
-        from .data import ImageTransform
+        from ..data import ImageTransform
 
         self.captions, self.seed, self.repeats, self.batch_size = list(captions), seed, repeats, batch_size
         transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
@@ -369,8 +369,8 @@ class HeldOut:
 
     @torch.no_grad()
     def loss(self, pipe) -> float:
-        from .data import tokenize
-        from .objective import denoising_loss
+        from ..data import tokenize
+        from ..objective import denoising_loss
 
         generator = torch.Generator().manual_seed(self.seed)
         losses = []

@@ -1,7 +1,7 @@
 """The course's synthetic worlds: shapes (pretraining), creatures (a new style) and one subject (DreamBooth).
 
 Every image is drawn from a seed, so a data set is a pure function of (kind, count, seed) and can be
-written again bit for bit with `python -m lora_nb.synthetic`. Drawing happens at 4x the final size and is
+written again bit for bit with `python -m lora_nb.course.synthetic`. Drawing happens at 4x the final size and is
 downsampled, which gives anti-aliased edges the VAE can learn.
 """
 

@@ -228,7 +228,7 @@ def token_share_figure(tokens: Sequence[str], shares: Sequence[float], title: st
 def rank_sweep_figure(rows: Sequence[Mapping], x: str = "params", title: str | None = None) -> Figure:
     """Held-out loss (y) against adapter size (x, log scale) for a rank sweep.
 
-    `rows` are `lora_nb.sweep.run_sweep`'s: each has "method" ("lora", "full" or "base"), "targets",
+    `rows` are `lora_nb.course.sweep.run_sweep`'s: each has "method" ("lora", "full" or "base"), "targets",
     "rank", "heldout_loss" and the `x` key ("params", "fp32_bytes" or "fp16_bytes"). LoRA runs make one line
     per target set, each point labelled with its rank; a full fine-tune is a star with a dotted line at its
     loss; the base model (no adapter) is a dashed line.

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
-from .data import CaptionedImages, ImageTransform, load_captioned_dataset
+from ..config import TrainConfig
+from ..data import CaptionedImages, ImageTransform, load_captioned_dataset
+from ..formats import load_lora_weights
+from ..inference import load_base_pipeline
+from ..inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, count_parameters, find_targets, remove_lora
+from ..sizes import adapter_size
+from ..train import train, training_resolution
 from .evaluate import HeldOut
-from .formats import load_lora_weights
-from .inference import load_base_pipeline
-from .inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, count_parameters, find_targets, remove_lora
-from .sizes import adapter_size
-from .train import train, training_resolution
 
 BASE = "base model"
 

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from lora_nb.course_site import Failure, NotebookRun, add_nav, format_duration, page_nav, write_index
+from lora_nb.course.site import Failure, NotebookRun, add_nav, format_duration, page_nav, write_index
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # lora_nb/course/ -> the repository
 
 
 class NotebookFailed(RuntimeError):

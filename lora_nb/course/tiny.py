@@ -27,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .synthetic import IMAGE_SIZE, vocabulary
 
-TINY_SD_PATH = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
+TINY_SD_PATH = Path(__file__).resolve().parents[2] / "data" / "tiny-sd"  # lora_nb/course/ -> the repository
 
 MAX_TOKENS = 77  # SD 1.5's prompt length
 TEXT_WIDTH = 64
@@ -146,6 +146,6 @@ def load_tiny_pipeline(
         raise FileNotFoundError(
             f"no tiny pipeline at {path} (model_index.json missing); it is made by scripts/pretrain_tiny_sd.py"
         )
-    from .inference import load_base_pipeline
+    from ..inference import load_base_pipeline
 
     return load_base_pipeline(path, fast_scheduler=fast_scheduler)

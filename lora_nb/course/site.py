@@ -203,7 +203,7 @@ def _run_summary(runs: list[NotebookRun], parameters: dict | None) -> str:
 
 def write_index(out: Path, runs: list[NotebookRun], parameters: dict | None = None) -> Path:
     """`out/index.html` for `runs`, in the order given (the course order)."""
-    css = files("lora_nb").joinpath("course.css").read_text(encoding="utf-8")
+    css = files("lora_nb.course").joinpath("course.css").read_text(encoding="utf-8")
     items = "\n".join(_lesson_item(out, run) for run in runs)
     index = out / "index.html"
     index.write_text(

@@ -1,15 +1,15 @@
 """Rehearse real mode without a network or a GPU: SD 1.5 and the naruto captions, as files in a hub cache.
 
-    python -m lora_nb.rehearsal --hf-home /tmp/hf --out outputs/rehearsal   # snapshot (once), then notebooks
-    python -m lora_nb.rehearsal --hf-home /tmp/hf --only 03                 # one notebook
-    python -m lora_nb.rehearsal --hf-home /tmp/hf --snapshot-only           # write the cache, run nothing
+    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --out outputs/rehearsal   # snapshot (once), then notebooks
+    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --only 03                 # one notebook
+    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --snapshot-only           # write the cache, run nothing
 
-The snapshot is what `python -m lora_nb.prefetch` leaves behind, written from the other side: the hub cache's
+The snapshot is what `python -m lora_nb.course.prefetch` leaves behind, written from the other side: the hub cache's
 own layout (`models--org--name/{blobs,snapshots/<commit>,refs/main,trees}`) under the real ids, SD 1.5's real
 configs, a CLIP tokenizer of the real vocabulary size (49408; a synthetic BPE, the real one cannot be
 downloaded here), random weights, and a few dozen captioned images as the hub's parquet, prepared as
 `datasets` prepares a download. The repository's full file list goes into the cache as a download records
-it, so diffusers checks, offline, that the files `lora_nb.prefetch` fetches are all it needs.
+it, so diffusers checks, offline, that the files `lora_nb.course.prefetch` fetches are all it needs.
 
 Each notebook then runs with the T4 values written beside its parameters, under HF_HUB_OFFLINE=1, except
 what a CPU cannot afford (CPU_OVERRIDES): steps, image counts and resolution. The resolution goes down to
@@ -37,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..sizes import CONFIG_DIR
 from .prefetch import NARUTO, PIPELINE_PATTERNS, SD15
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CPU_SAMPLE_SIZE = 8  # latents: 64 px images
 
 # ---------------------------------------------------------------- the hub cache's layout
@@ -658,8 +658,8 @@ CELL_TIMEOUT = 1800  # seconds: SD 1.5 on one CPU core is slow, but a cell past 
 
 def rehearse(hf_home: Path, out: Path, only: list[str] | None = None, native: bool = False) -> list:
     """Write the snapshot (once), then run the notebooks one at a time under HF_HUB_OFFLINE=1; the runs."""
-    from .course import NotebookFailed, course_notebooks, run_notebook, summary_table
-    from .course_site import NotebookRun
+    from .runner import NotebookFailed, course_notebooks, run_notebook, summary_table
+    from .site import NotebookRun
 
     write_snapshot(hf_home, native=native)
     # The kernels inherit this environment: the hub is reached only through the cache, never the network.
