@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard
 
-from lora_nb.course.tiny import SCHEDULER_CONFIG, TINY_SD_PATH, build_text_encoder, build_tokenizer
+from lora_nb.course.tiny import TINY_SD_PATH, build_untrained_pipeline
 from lora_nb.course.world import (
     IMAGE_SIZE,
     draw_creature_sample,
@@ -70,23 +70,6 @@ VAE_CONFIG = {
     "sample_size": IMAGE_SIZE,
 }
 TEXT_LAYERS = 3
-
-
-def build_untrained_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer(vocabulary())
-    return StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE_CONFIG),
-        text_encoder=build_text_encoder(tokenizer, num_hidden_layers=TEXT_LAYERS),
-        tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**UNET_CONFIG),
-        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -403,7 +386,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.work / "vae.pt").exists():
         seed_from_export(args.init_from, args.work)
-    pipe = build_untrained_pipeline(seed=0)
+    pipe = build_untrained_pipeline(
+        seed=0, unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, words=vocabulary(), text_layers=TEXT_LAYERS
+    )
     if not args.export_only:
         train_vae(pipe, args.work, args)
         train_denoiser(pipe, args.work, args)

@@ -121,15 +121,22 @@ def build_text_encoder(tokenizer: CLIPTokenizer, num_hidden_layers: int = 2) -> 
     return CLIPTextModel(config)
 
 
-def build_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The tiny pipeline with fresh random weights: what pretraining starts from."""
+def build_untrained_pipeline(
+    seed: int = 0,
+    unet_config: dict | None = None,
+    vae_config: dict | None = None,
+    words: list[str] | None = None,
+    text_layers: int = 2,
+) -> StableDiffusionPipeline:
+    """The tiny pipeline with fresh random weights: what pretraining starts from (this architecture, or the
+    one the pretraining script passes)."""
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(words)
     return StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE_CONFIG),
-        text_encoder=build_text_encoder(tokenizer),
+        vae=AutoencoderKL(**(vae_config or VAE_CONFIG)),
+        text_encoder=build_text_encoder(tokenizer, num_hidden_layers=text_layers),
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**UNET_CONFIG),
+        unet=UNet2DConditionModel(**(unet_config or UNET_CONFIG)),
         scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
