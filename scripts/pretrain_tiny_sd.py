@@ -30,46 +30,16 @@ from huggingface_hub import ModelCard
 
 from lora_nb.course.tiny import TINY_SD_PATH, build_untrained_pipeline
 from lora_nb.course.world import (
-    IMAGE_SIZE,
+    PRETRAINING_FIRST_SEED,
     draw_creature_sample,
     draw_parts_sample,
     draw_subject_sample,
     parts_caption,
-    vocabulary,
 )
 from lora_nb.data import tokenize
 from lora_nb.objective import denoising_loss
 
-POOL_FIRST_SEED = 1_000_000  # far from the shipped sets' seeds, which stay held out
 VAE_FIRST_SEED = 2_000_000
-
-# SD 1.5's classes and module names. Attention sits at the 8x8 and 4x4 latent levels and the mid block, not
-# at 16x16, where self-attention over 256 tokens would cost more than the rest of the UNet on a CPU.
-UNET_CONFIG = {
-    "sample_size": IMAGE_SIZE // 4,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 1,
-    "block_out_channels": (32, 64, 96),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "cross_attention_dim": 64,
-    "attention_head_dim": 2,  # diffusers reads this as the number of heads
-    "norm_num_groups": 8,  # 32 groups of one channel would normalise colour away
-}
-# Three blocks: the latent is a quarter of the image side (SD 1.5's four blocks divide by 8).
-VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 3,
-    "up_block_types": ("UpDecoderBlock2D",) * 3,
-    "block_out_channels": (32, 64, 64),
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,  # 32 groups of one channel would normalise colour away
-    "sample_size": IMAGE_SIZE,
-}
-TEXT_LAYERS = 3
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -145,13 +115,62 @@ def train_vae(pipe, work: Path, args) -> None:
     vae.eval().requires_grad_(False)
 
 
+def detail_weights(images: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, h, w) loss weights, up to 9 where the image changes within 3x3 pixels: a pupil, a dot or
+    a stripe is a few pixels, and a plain pixel loss spends the decoder on the flat paper instead."""
+    local_range = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)  # max - min, up to 2
+    return 1 + 4 * local_range.amax(1, keepdim=True)
+
+
+def train_decoder(pipe, work: Path, args) -> None:
+    """Fine-tune the VAE's decoder alone, as SD's ft-MSE VAE decoders were made: the encoder, and so the
+    latents the UNet learns from, stay as they are, so this stage can run before, beside or after the UNet's."""
+    ckpt, vae = work / "decoder.pt", pipe.vae
+    vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    step = 0
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        vae.load_state_dict(state["vae"])
+        if "optimizer" in state:  # not when seeded from an export (--init-from)
+            optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    vae.requires_grad_(False).eval()
+    for p in params:
+        p.requires_grad_(True)
+    start = time.time()
+    while step < args.decoder_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = args.decoder_lr * (0.55 + 0.45 * math.cos(math.pi * step / args.decoder_steps))
+        images = vae_batch(args.vae_steps + step, args.vae_batch_size)  # draws the VAE stage never saw
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        error = vae.decode(latents).sample - images
+        weights = detail_weights(images)
+        loss = (weights * (error.square() + error.abs())).mean() / weights.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 50 == 0:
+            mse = error.square().mean().item()
+            print(f"decoder step {step} mse {mse:.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
+            start = time.time()
+        if step % args.checkpoint_every == 0 or step == args.decoder_steps:
+            save_atomically(
+                {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt
+            )
+    vae.requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, list[dict], float]:
     """Latent means of `size` parts images, their attributes, and the scaling factor giving unit variance."""
     attributes, latents = [], []
     for first in range(0, size, batch_size):
         samples = [
-            draw_parts_sample(POOL_FIRST_SEED + i) for i in range(first, min(size, first + batch_size))
+            draw_parts_sample(PRETRAINING_FIRST_SEED + i) for i in range(first, min(size, first + batch_size))
         ]
         print(f"encoding the pool: {first + len(samples)}/{size}", flush=True)
         attributes += [s.attributes for s in samples]
@@ -261,7 +280,8 @@ with a thick black outline and two yellow dots on the left on a pink background"
 | tokenizer | `CLIPTokenizer`, byte-level BPE with one token per caption word, {vocab} tokens | |
 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
-{vae_steps} steps on parts, creatures and the DreamBooth subject, then the UNet and the text encoder
+{vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for {decoder_steps}
+more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the UNet and the text encoder
 together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr}, 10% empty captions for
 classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images; this export uses the EMA
 weights. It has never seen the creatures' composition or caption language ("a drawing of a blue creature
@@ -270,14 +290,26 @@ what the course's LoRAs teach.
 """
 
 
+def load_final_vae(pipe, work: Path) -> dict[str, int]:
+    """Put the VAE as it ships into `pipe` (its decoder fine-tuned once that stage has a checkpoint) and
+    return the steps of each VAE stage, for the model card."""
+    steps = {"vae": load_checkpoint(work / "vae.pt")["step"]}
+    final = work / "decoder.pt" if (work / "decoder.pt").exists() else work / "vae.pt"
+    state = load_checkpoint(final)
+    pipe.vae.load_state_dict(state["vae"])
+    if final.name == "decoder.pt":
+        steps["decoder"] = state["step"]
+    return steps
+
+
 def export(pipe, work: Path, out: Path, args) -> None:
     state = load_checkpoint(work / "denoiser.pt")
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
+    vae_steps = load_final_vae(pipe, work)
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(tmp)
     count = lambda m: sum(p.numel() for p in m.parameters())
-    vae_steps = load_checkpoint(work / "vae.pt")["step"]
     card = ModelCard(
         CARD.format(
             params=(count(pipe.unet) + count(pipe.vae) + count(pipe.text_encoder)) / 1e6,
@@ -290,7 +322,8 @@ def export(pipe, work: Path, out: Path, args) -> None:
             vae=count(pipe.vae),
             text=count(pipe.text_encoder),
             vocab=len(pipe.tokenizer),
-            vae_steps=vae_steps,
+            vae_steps=vae_steps["vae"],
+            decoder_steps=vae_steps.get("decoder", 0),
             steps=state["step"],
             batch=args.batch_size,
             lr=args.lr,
@@ -300,7 +333,7 @@ def export(pipe, work: Path, out: Path, args) -> None:
         )
     )
     card.data.library_name = "diffusers"
-    card.data.pretrain_steps = {"vae": vae_steps, "unet": state["step"]}  # read back by --init-from
+    card.data.pretrain_steps = {**vae_steps, "unet": state["step"]}  # read back by --init-from
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
     card.save(tmp / "README.md")
     swap_into(tmp, out)
@@ -318,15 +351,14 @@ def swap_into(tmp: Path, out: Path) -> None:
 
 def export_vae(pipe, work: Path, out: Path) -> None:
     """Export the VAE alone (before the UNet stage has a checkpoint), so --init-from can continue it."""
-    state = load_checkpoint(work / "vae.pt")
-    pipe.vae.load_state_dict(state["vae"])
+    steps = load_final_vae(pipe, work)
     tmp = out.with_name(out.name + ".tmp")
     pipe.vae.save_pretrained(tmp / "vae")
-    card = ModelCard(f"# tiny-sd in pretraining: the VAE after {state['step']} steps (no UNet yet)\n")
-    card.data.pretrain_steps = {"vae": state["step"]}
+    card = ModelCard(f"# tiny-sd in pretraining: the VAE after {steps} steps (no UNet yet)\n")
+    card.data.pretrain_steps = steps
     card.save(tmp / "README.md")
     swap_into(tmp, out)
-    print(f"exported the VAE at step {state['step']} to {out}")
+    print(f"exported the VAE at steps {steps} to {out}")
 
 
 def seed_from_export(export: Path, work: Path) -> None:
@@ -340,8 +372,10 @@ def seed_from_export(export: Path, work: Path) -> None:
     steps = ModelCard.load(export / "README.md").data.get("pretrain_steps")
     if not steps:
         raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
-    vae = AutoencoderKL.from_pretrained(export / "vae")
-    save_atomically({"vae": vae.state_dict(), "step": steps["vae"]}, work / "vae.pt")
+    vae = AutoencoderKL.from_pretrained(export / "vae").state_dict()
+    save_atomically({"vae": vae, "step": steps["vae"]}, work / "vae.pt")  # the encoder is what matters here
+    if "decoder" in steps:
+        save_atomically({"vae": vae, "step": steps["decoder"]}, work / "decoder.pt")
     if "unet" not in steps:  # a VAE-only export (export_vae): the UNet stage starts from scratch
         print(f"seeded {work} from {export}: VAE step {steps['vae']}")
         return
@@ -364,6 +398,11 @@ def main() -> None:
     parser.add_argument("--vae-batch-size", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=4e-4)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--decoder-steps", type=int, default=2000)
+    parser.add_argument("--decoder-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--decoder-only", action="store_true", help="run the decoder stage alone (beside the UNet's is fine)"
+    )
     parser.add_argument("--steps", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -386,17 +425,16 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.work / "vae.pt").exists():
         seed_from_export(args.init_from, args.work)
-    pipe = build_untrained_pipeline(
-        seed=0, unet_config=UNET_CONFIG, vae_config=VAE_CONFIG, words=vocabulary(), text_layers=TEXT_LAYERS
-    )
+    pipe = build_untrained_pipeline(seed=0)
+    if args.decoder_only:
+        return train_decoder(pipe, args.work, args)
     if not args.export_only:
         train_vae(pipe, args.work, args)
         train_denoiser(pipe, args.work, args)
-    elif not (args.work / "denoiser.pt").exists():
+        train_decoder(pipe, args.work, args)
+    if not (args.work / "denoiser.pt").exists():
         return export_vae(pipe, args.work, args.out)
-    else:
-        pipe.vae.load_state_dict(load_checkpoint(args.work / "vae.pt")["vae"])
-        pipe.vae.register_to_config(scaling_factor=load_checkpoint(args.work / "pool.pt")["scaling"])
+    pipe.vae.register_to_config(scaling_factor=load_checkpoint(args.work / "pool.pt")["scaling"])
     export(pipe, args.work, args.out, args)
 
 

@@ -14,8 +14,16 @@ from lora_nb.course.evaluate import (
     position_of,
     prompt_suite,
     shape_of,
+    shows_plain,
+    shows_subject,
 )
-from lora_nb.course.world import draw_creature_sample, draw_parts_sample, render_parts
+from lora_nb.course.world import (
+    DATASETS,
+    draw_creature_sample,
+    draw_parts_sample,
+    draw_subject_sample,
+    render_parts,
+)
 
 SEEDS = range(7000, 7300)
 
@@ -110,3 +118,25 @@ def test_a_creatures_body_and_eye_colours_are_read_back():
     ]
     assert share(has_creature_colours(c["image"], c["body"], c["eyes"]) for c in creatures) >= 0.95
     assert share(has_creature_colours(c["image"], c["eyes"], c["body"]) for c in creatures) <= 0.05
+
+
+def test_the_subject_is_told_from_a_plain_star_and_from_near_misses():
+    _, count, first_seed = DATASETS["subject"]
+    assert all(shows_subject(draw_subject_sample(first_seed + i).image) for i in range(count))
+    assert all(shows_subject(draw_subject_sample(seed).image) for seed in range(500, 530))
+    star = {"shape": "star", "colour": "orange", "size": "large", "position": "center", "outline": None}
+    star |= {"outline_colour": "black", "mark": "a dot", "mark_colour": "purple", "attachment": None}
+    rng = np.random.default_rng(0)
+
+    def image(**change):
+        import random
+
+        return render_parts(
+            {"paper": "white", "objects": [{**star, **change}]}, random.Random(int(rng.integers(99)))
+        )
+
+    assert shows_subject(image())  # the subject's parts, drawn by the parts renderer
+    for near_miss in ({"mark": None}, {"mark_colour": "green"}, {"colour": "yellow"}, {"shape": "circle"}):
+        assert not shows_subject(image(**near_miss)), near_miss
+    assert shows_plain(image(mark=None)) and shows_plain(image(colour="blue")) and not shows_plain(image())
+    assert not shows_plain(image(shape="square", mark=None))

@@ -1,15 +1,18 @@
 """The 64 px world: pretraining shows the parts, never what the course's adapters are there to teach."""
 
 import hashlib
+import json
 import random
 
 import pytest
 
-from lora_nb.course.tiny import build_tokenizer
+from lora_nb.course.tiny import TINY_SD_PATH, build_tokenizer
 from lora_nb.course.world import (
     ATTACHMENTS,
     CREATURE_WORDS,
+    DATASETS,
     IMAGE_SIZE,
+    PRETRAINING_FIRST_SEED,
     RESERVED_IDENTIFIERS,
     SUBJECT_BODY,
     SUBJECT_CLASS,
@@ -19,9 +22,11 @@ from lora_nb.course.world import (
     draw_subject_sample,
     parts_caption,
     vocabulary,
+    write_imagefolder,
 )
 
-PRETRAINING_SEEDS = range(1_000_000, 1_002_000)  # the pretraining pool's first seeds
+PRETRAINING_SEEDS = range(PRETRAINING_FIRST_SEED, PRETRAINING_FIRST_SEED + 2000)  # the pool's first draws
+DATA = TINY_SD_PATH.parent
 
 
 def digest(image) -> str:
@@ -95,3 +100,39 @@ def test_the_tokenizer_has_one_token_per_caption_word(pretraining_samples):
     assert len(words) > 40
     assert {w: tokenizer.tokenize(w) for w in words} == {w: [w + "</w>"] for w in words}
     assert len(tokenizer.tokenize("sks")) > 1  # a rare identifier falls back to pieces, as in SD 1.5
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_shipped_sets_are_what_the_script_writes(name, tmp_path):
+    folder = write_imagefolder(name, tmp_path)
+    shipped = DATA / name
+    assert (folder / "metadata.jsonl").read_text() == (shipped / "metadata.jsonl").read_text()
+    for line in (shipped / "metadata.jsonl").read_text().splitlines()[:40]:
+        file_name = json.loads(line)["file_name"]
+        assert (folder / file_name).read_bytes() == (shipped / file_name).read_bytes(), file_name
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in folder.iterdir())
+
+
+def test_shipped_sets_are_held_out_of_pretraining():
+    for name, (_, count, first_seed) in DATASETS.items():
+        assert first_seed + count <= PRETRAINING_FIRST_SEED, name
+    assert 5 <= DATASETS["subject"][1] <= 8  # DreamBooth's few photos
+
+
+def test_the_nonsquare_set_is_landscape_and_portrait_with_both_bodies_inside():
+    from lora_nb.course.evaluate import colour_mask
+    from lora_nb.course.world import draw_nonsquare_sample
+    from lora_nb.data import bucket_sizes, nearest_bucket
+
+    _, count, first_seed = DATASETS["nonsquare"]
+    samples = [draw_nonsquare_sample(first_seed + i) for i in range(count)]
+    sizes = {s.image.size for s in samples}
+    assert sizes == {(IMAGE_SIZE * 3 // 2, IMAGE_SIZE), (IMAGE_SIZE, IMAGE_SIZE * 3 // 2)}
+    buckets = bucket_sizes(IMAGE_SIZE, 16)
+    assert {nearest_bucket(*size, buckets) for size in sizes} == {(80, 48), (48, 80)}  # not the square one
+    for s in samples:
+        width, height = s.image.size
+        for obj in s.attributes["objects"]:
+            ys, xs = colour_mask(s.image, obj["colour"]).nonzero()
+            assert len(xs) and xs.min() > 0 and ys.min() > 0, s.caption  # the whole body on the sheet
+            assert xs.max() < width - 1 and ys.max() < height - 1, s.caption

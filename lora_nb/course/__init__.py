@@ -4,8 +4,8 @@ The library (`lora_nb.layers` … `lora_nb.train`, `lora_nb.inference`) is what 
 load LoRAs; it never imports this package. The course imports the library. Read it in this order:
 
 - `tiny`: the embedded tiny Stable Diffusion (SD 1.5's classes and names, CPU-sized) and how to load it;
-- `synthetic`, `world`: the synthetic data sets (today's 32 px sets; the 64 px world the next embedded
-  model is pretrained on: parts in pretraining, creatures and the subject held out for the LoRAs);
+- `world`: the 64 px world the tiny model is pretrained on (parts, in plain words) and what only the
+  LoRAs teach (the creatures' style, the DreamBooth subject); the shipped data sets;
 - `evaluate`: what the figures are checked with (colour, shape, place, dots, style; held-out loss; subject
   fidelity; VAE reconstruction; a prompt suite per skill);
 - `viz`, `attention`: the figures; cross-attention maps;

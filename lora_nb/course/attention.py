@@ -21,6 +21,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -241,3 +242,14 @@ def cross_attention_maps(
     ):  # [negative prompt, prompt]: the order diffusers concatenates them in
         maps = maps[len(images) :]
     return CrossAttentionMaps(prompt, images, maps, prompt_tokens(pipe.tokenizer, prompt))
+
+
+def concentration(word_map: torch.Tensor, mask: np.ndarray) -> float:
+    """How much more of a word's attention falls on `mask` than an even spread would put there: the map's
+    share inside the mask over the mask's share of the image (1: no preference). `word_map` (h, w) is
+    resized to the mask's (height, width) first."""
+    resized = F.interpolate(word_map[None, None].float(), size=mask.shape, mode="bilinear")[0, 0]
+    inside = torch.from_numpy(np.asarray(mask, dtype=bool))
+    if not inside.any():
+        raise ValueError("the mask is empty: there is no object to attend to")
+    return float(resized[inside].sum() / resized.sum() / inside.float().mean())

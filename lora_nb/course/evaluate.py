@@ -13,7 +13,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .world import COLOURS, SHAPES
+from .world import (
+    COLOURS,
+    PAIRS,
+    PAPERS,
+    SHAPES,
+    SIZES,
+    SUBJECT_BODY,
+    SUBJECT_CLASS,
+    SUBJECT_DOT,
+    parts_caption,
+    random_object,
+)
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (colours, 3)
 _NAMES = list(COLOURS)
@@ -34,24 +45,6 @@ def background_colour(image) -> np.ndarray:
 def foreground_mask(image) -> np.ndarray:
     rgb = _rgb(image)
     return np.linalg.norm(rgb - background_colour(rgb), axis=-1) > FOREGROUND_DISTANCE
-
-
-def colour_votes(image) -> dict[str, int]:
-    """How many saturated foreground pixels lie nearest to each named colour."""
-    rgb = _rgb(image)
-    pixels = rgb[foreground_mask(rgb)]
-    saturation = (pixels.max(-1) - pixels.min(-1)) / np.maximum(pixels.max(-1), 1.0)
-    pixels = pixels[saturation >= MIN_SATURATION]
-    nearest = np.linalg.norm(pixels[:, None] - _PALETTE[None], axis=-1).argmin(-1)
-    counts = np.bincount(nearest, minlength=len(_NAMES))
-    return dict(zip(_NAMES, counts.tolist(), strict=True))
-
-
-def dominant_colour(image, min_pixels: int = 8) -> str | None:
-    """The named colour most of the foreground has; None when too little of the image is coloured."""
-    votes = colour_votes(image)
-    name = max(votes, key=votes.get)
-    return name if votes[name] >= min_pixels else None
 
 
 def colour_mask(image, colour: str, max_distance: float = 70.0) -> np.ndarray:
@@ -188,8 +181,6 @@ class Case:
 
 
 def _case(skill: str, rng: random.Random, objects: list[dict], paper: str | None = None) -> Case:
-    from .world import PAPERS, parts_caption
-
     attributes = {"paper": paper or rng.choice(list(PAPERS)), "objects": objects}
     caption = parts_caption(attributes)
     return Case(skill, caption if paper else caption.rsplit(" on a ", 1)[0], attributes)
@@ -197,7 +188,6 @@ def _case(skill: str, rng: random.Random, objects: list[dict], paper: str | None
 
 def prompt_suite(per_case: int = 4, seed: int = 0) -> list[Case]:
     """Prompts for every colour at every size, every shape, every side, two objects, and parts on request."""
-    from .world import COLOURS, PAIRS, SHAPES, SIZES, random_object
 
     rng = random.Random(seed)
 
@@ -275,6 +265,20 @@ def has_creature_colours(image, body: str, eyes: str) -> bool:
     return body_colour(image) == body and dot_count(image, eyes) == 2
 
 
+def shows_subject(image) -> bool:
+    """Whether an image shows the DreamBooth subject: an orange star with one purple dot in it."""
+    return (
+        shape_of(image) == SUBJECT_CLASS
+        and body_colour(image) == SUBJECT_BODY
+        and dot_count(image, SUBJECT_DOT) == 1
+    )
+
+
+def shows_plain(image, shape: str = SUBJECT_CLASS) -> bool:
+    """Whether an image shows a body of `shape` that is not the subject: the class, as the prior keeps it."""
+    return shape_of(image) == shape and not shows_subject(image)
+
+
 @torch.no_grad()
 def prompt_following(
     pipe,
@@ -314,33 +318,6 @@ def style_statistics(image) -> dict[str, float]:
 def mean_style(images) -> dict[str, float]:
     stats = [style_statistics(im) for im in images]
     return {key: float(np.mean([s[key] for s in stats])) for key in stats[0]}
-
-
-@torch.no_grad()
-def colour_accuracy(
-    pipe,
-    colours=tuple(COLOURS),
-    shapes=SHAPES,
-    per_colour: int = 16,
-    seed: int = 0,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-) -> dict[str, float]:
-    """For each colour, the fraction of images of 'a <colour> <shape>' whose dominant colour is that colour.
-
-    The prompts cycle through `shapes`; images are drawn with a fixed seed, so the figure is repeatable.
-    """
-    accuracy = {}
-    for colour in colours:
-        prompts = [f"a {colour} {shapes[i % len(shapes)]}" for i in range(per_colour)]
-        images = pipe(
-            prompts,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed),
-        ).images
-        accuracy[colour] = float(np.mean([dominant_colour(im) == colour for im in images]))
-    return accuracy
 
 
 class HeldOut:

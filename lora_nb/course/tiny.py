@@ -25,39 +25,40 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .synthetic import IMAGE_SIZE, vocabulary
+from .world import IMAGE_SIZE, vocabulary
 
 TINY_SD_PATH = Path(__file__).resolve().parents[2] / "data" / "tiny-sd"  # lora_nb/course/ -> the repository
 
 MAX_TOKENS = 77  # SD 1.5's prompt length
 TEXT_WIDTH = 64
 
-# SD 1.5 keeps attention off its lowest resolution; here the 16x16 level has none instead, because
-# self-attention over 256 tokens would cost more than the whole rest of the UNet on a CPU.
+# SD 1.5's classes and module names. Attention sits at the 8x8 and 4x4 latent levels and the mid block, not
+# at 16x16, where self-attention over 256 tokens would cost more than the rest of the UNet on a CPU.
 UNET_CONFIG = {
-    "sample_size": IMAGE_SIZE // 2,
+    "sample_size": IMAGE_SIZE // 4,
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 1,
-    "block_out_channels": (32, 64, 64),
+    "block_out_channels": (32, 64, 96),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": TEXT_WIDTH,
     "attention_head_dim": 2,  # diffusers reads this as the number of heads
-    "norm_num_groups": 32,
+    "norm_num_groups": 8,  # 32 groups of one channel would normalise colour away
 }
-# Two blocks: the latent is half the image size (SD 1.5's four blocks divide by 8).
+# Three blocks: the latent is a quarter of the image side (SD 1.5's four blocks divide by 8).
 VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 2,
-    "up_block_types": ("UpDecoderBlock2D",) * 2,
-    "block_out_channels": (32, 64),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (32, 64, 64),
     "latent_channels": 4,
     "layers_per_block": 1,
-    "norm_num_groups": 32,
+    "norm_num_groups": 8,
     "sample_size": IMAGE_SIZE,
 }
+TEXT_LAYERS = 3
 # SD 1.5's noise schedule; steps_offset and clip_sample as SD 1.5's scheduler config has them.
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -106,7 +107,7 @@ def build_tokenizer(words: list[str] | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, num_hidden_layers: int = 2) -> CLIPTextModel:
+def build_text_encoder(tokenizer: CLIPTokenizer, num_hidden_layers: int = TEXT_LAYERS) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_WIDTH,
@@ -126,10 +127,10 @@ def build_untrained_pipeline(
     unet_config: dict | None = None,
     vae_config: dict | None = None,
     words: list[str] | None = None,
-    text_layers: int = 2,
+    text_layers: int = TEXT_LAYERS,
 ) -> StableDiffusionPipeline:
-    """The tiny pipeline with fresh random weights: what pretraining starts from (this architecture, or the
-    one the pretraining script passes)."""
+    """The tiny pipeline with fresh random weights: what pretraining starts from (this architecture, or
+    another one to try)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words)
     return StableDiffusionPipeline(

@@ -10,14 +10,19 @@ Held out of pretraining, and taught by the course's adapters:
 - the DreamBooth subject, one orange star with a purple dot.
 `tests/test_world.py` keeps both out of the pretraining captions and images.
 
-Every image is a pure function of its seed, drawn at 4x and box-downsampled for anti-aliased edges.
+Every image is a pure function of its seed, drawn at 4x and box-downsampled for anti-aliased edges, so
+a data set is a pure function of (kind, count, first seed): `python -m lora_nb.course.world --out data`
+writes the shipped sets again bit for bit.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -109,14 +114,16 @@ def draw_body(
         draw.polygon(polygon(shape, cx, cy, rx, angle), fill=fill, outline=outline, width=width)
 
 
-def canvas(paper: tuple[int, ...]) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
-    side = IMAGE_SIZE * SUPERSAMPLE
-    image = Image.new("RGB", (side, side), paper)
-    return image, ImageDraw.Draw(image), side
+def canvas(
+    paper: tuple[int, ...], size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+) -> tuple[Image.Image, ImageDraw.ImageDraw, int]:
+    """A sheet to draw on at SUPERSAMPLE x `size` (width, height); the third value is its shorter side."""
+    image = Image.new("RGB", (size[0] * SUPERSAMPLE, size[1] * SUPERSAMPLE), paper)
+    return image, ImageDraw.Draw(image), min(size) * SUPERSAMPLE
 
 
 def finish(image: Image.Image) -> Image.Image:
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    return image.resize((image.width // SUPERSAMPLE, image.height // SUPERSAMPLE), Image.Resampling.BOX)
 
 
 # --- pretraining: the parts, in plain words ---------------------------------------------------------------
@@ -212,14 +219,18 @@ def draw_marks(draw, obj: dict, box: tuple, outline, width: int, rng: random.Ran
         draw.ellipse([x - dot, y - dot, x + dot, y + dot], fill=colour, outline=outline, width=width // 2)
 
 
-def draw_object(draw: ImageDraw.ImageDraw, side: int, obj: dict, rng: random.Random) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, frame: tuple[int, int], obj: dict, rng: random.Random) -> None:
+    """Draw `obj` on a sheet of `frame` (width, height) canvas pixels: places along each side, sizes of the
+    shorter one."""
+    width, height = frame
+    side = min(frame)
     scale = rng.uniform(0.9, 1.1)
     r = SIZES[obj["size"]] * scale
     reach = min(1.0, (0.47 - r * 1.3) / 0.22)  # large bodies stop short of the edge: the whole shape shows
     dx, dy = (reach * d + rng.uniform(-0.02, 0.02) for d in POSITIONS[obj["position"]])
     box = (
-        side * (0.5 + dx),
-        side * (0.5 + dy),
+        width * (0.5 + dx),
+        height * (0.5 + dy),
         side * r,
         side * r * (rng.uniform(0.85, 1.0) if obj["shape"] == "circle" else 1.0),
     )
@@ -299,12 +310,29 @@ def draw_parts_sample(seed: int, **fixed) -> Sample:
     return Sample(render_parts(attributes, rng), parts_caption(attributes), attributes)
 
 
-def render_parts(attributes: dict, rng: random.Random) -> Image.Image:
+def render_parts(
+    attributes: dict, rng: random.Random, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)
+) -> Image.Image:
     """The image of given attributes ({"paper": ..., "objects": [...]}); `rng` draws the jitter."""
-    image, draw, side = canvas(jitter(PAPERS[attributes["paper"]], rng, 6))
+    image, draw, _ = canvas(jitter(PAPERS[attributes["paper"]], rng, 6), size)
     for obj in attributes["objects"]:
-        draw_object(draw, side, obj, rng)
+        draw_object(draw, image.size, obj, rng)
     return finish(image)
+
+
+def draw_nonsquare_sample(seed: int) -> Sample:
+    """Two objects on a landscape (3:2, side by side) or portrait (2:3, one above the other) sheet: the
+    set aspect-ratio bucketing is shown on, where a square crop would cut a body off."""
+    rng = random.Random(seed)
+    landscape = rng.random() < 0.5
+    long = IMAGE_SIZE * 3 // 2
+    size = (long, IMAGE_SIZE) if landscape else (IMAGE_SIZE, long)
+    paper = rng.choice(list(PAPERS))
+    objects = [random_object(rng, place) for place in PAIRS[0 if landscape else 1]]
+    for obj in objects:
+        obj["size"] = "medium" if obj["size"] == "large" else obj["size"]
+    attributes = {"paper": paper, "objects": objects}
+    return Sample(render_parts(attributes, rng, size), parts_caption(attributes), attributes)
 
 
 # --- what the adapters teach ------------------------------------------------------------------------------
@@ -387,3 +415,44 @@ def vocabulary() -> list[str]:
     words |= {w for name in (*MARKS, *ATTACHMENTS) for w in name.split()}
     words |= set(CREATURE_WORDS) | {"photo", "picture", "cartoon", "image", "toy", "big", "in"}
     return sorted(words)
+
+
+# The pretraining pool is drawn from this seed on, so the shipped sets below stay held out of it.
+PRETRAINING_FIRST_SEED = 1_000_000
+DATASETS = {
+    # name: (drawing function, number of images, first seed)
+    "parts": (draw_parts_sample, 400, 0),
+    "creatures": (draw_creature_sample, 300, 10_000),
+    "subject": (draw_subject_sample, 6, 20_000),
+    "nonsquare": (draw_nonsquare_sample, 24, 30_000),
+}
+
+
+def write_imagefolder(name: str, root: Path | str) -> Path:
+    """Write data set `name` as a `datasets` imagefolder: PNGs plus metadata.jsonl (file_name, text, ...)."""
+    draw, count, first_seed = DATASETS[name]
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(count):
+        sample = draw(first_seed + i)
+        file_name = f"{i:04d}.png"
+        sample.image.save(folder / file_name, optimize=True)
+        lines.append(json.dumps({"file_name": file_name, "text": sample.caption, **sample.attributes}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the course's data sets as imagefolders.")
+    parser.add_argument("--out", default="data", help="folder that receives one subfolder per data set")
+    parser.add_argument("names", nargs="*", default=list(DATASETS), help=f"any of {list(DATASETS)}")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        if name not in DATASETS:
+            parser.error(f"unknown data set {name!r}: choose from {list(DATASETS)}")
+        print(write_imagefolder(name, args.out))
+
+
+if __name__ == "__main__":
+    main()
