@@ -11,6 +11,7 @@ from lora_nb.course.attention import (
     attention_modules,
     attention_table,
     capture_cross_attention,
+    concentration,
     cross_attention_maps,
     describe_attention,
     prompt_tokens,
@@ -191,3 +192,18 @@ def test_cross_attention_maps_keeps_the_prompt_half(pipeline_factory):
     both = store.mean()
     torch.testing.assert_close(result.maps[0], both[1])
     assert not torch.allclose(result.maps[0], both[0])
+
+
+def test_concentration_reads_where_a_map_points():
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[16:32, 0:16] = True  # an object on the left, 1/16 of the image
+    uniform = torch.ones(8, 8)
+    assert concentration(uniform, mask) == pytest.approx(1.0)
+    pointed = torch.zeros(8, 8)
+    pointed[2:4, 0:2] = 1.0  # the same place on the 8x8 grid
+    assert concentration(pointed, mask) > 8
+    elsewhere = torch.zeros(8, 8)
+    elsewhere[5:8, 5:8] = 1.0
+    assert concentration(elsewhere, mask) < 0.2
+    with pytest.raises(ValueError, match="mask is empty"):
+        concentration(uniform, np.zeros((64, 64), dtype=bool))
