@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -119,6 +120,25 @@ def paired_ratio(numerator: Stat, denominator: Stat) -> Stat:
     return Stat([a / b for a, b in zip(numerator.samples, denominator.samples, strict=True)])
 
 
+def geomean(values: Sequence[float]) -> float:
+    """The geometric mean: the fair average of ratios (2× and 0.5× average to 1×)."""
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
+def geomean_target(name: str, ratios: Sequence[Stat], limit: float) -> Target:
+    """Per-shape paired ratios judged together: the geometric mean of their medians against ``limit``, with
+    the medians' range over the shapes beside it; flagged when any repeat of any shape lies across the limit."""
+    medians = [r.median for r in ratios]
+    return Target(
+        name,
+        geomean(medians),
+        limit,
+        spread=f"{min(medians):.3f}–{max(medians):.3f}× over {len(ratios)} shapes",
+        lo=min(r.lo for r in ratios),
+        hi=max(r.hi for r in ratios),
+    )
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -144,6 +164,16 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
         for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(variants[name]())
     return {name: Stat(values) for name, values in samples.items()}
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], settings: Settings) -> dict[str, Stat]:
+    """Seconds per call of each of ``calls``: each warmed up once, then timed interleaved, one sample a repeat."""
+    for call in calls.values():
+        call()  # warm-up
+    return interleave(
+        {name: (lambda c=c: time_per_call(c, settings.min_time)) for name, c in calls.items()},
+        settings.repeats,
+    )
 
 
 # ---------------------------------------------------------------- results

@@ -9,12 +9,10 @@ calls for both.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .common import Section, Settings, Stat, Target, interleave, paired_ratio, time_per_call
+from .common import Section, Settings, geomean_target, paired_ratio, time_interleaved
 
 LIMIT = 1.0  # LoRALinear / peft
 WIDTHS = (320, 640, 1280)
@@ -113,12 +111,7 @@ def benchmark(settings: Settings) -> Section:
                 "peft": forward_backward(theirs, x, grad),
                 "control": forward_backward(control, x, grad),
             }
-            for call in calls.values():
-                call()  # warm-up
-            stats = interleave(
-                {name: (lambda c=c: time_per_call(c, min_time)) for name, c in calls.items()},
-                settings.repeats,
-            )
+            stats = time_interleaved(calls, settings)
             ratio = paired_ratio(stats["lora_nb"], stats["peft"])
             ratios.append(ratio)
             rows.append(
@@ -132,8 +125,9 @@ def benchmark(settings: Settings) -> Section:
             )
             if tokens == TOKENS[-1] and width == WIDTHS[0]:
                 operators = {name: operator_counts(call) for name, call in calls.items() if name != "control"}
-    per_shape = Stat([r.median for r in ratios])
-    geomean = math.exp(sum(math.log(v) for v in per_shape.samples) / len(per_shape.samples))
+    target = geomean_target(
+        "LoRA layer fwd+bwd: LoRALinear / peft (geometric mean over shapes)", ratios, LIMIT
+    )
     worst = max(ratios, key=lambda r: r.median)
     notes = [
         (
@@ -158,17 +152,7 @@ def benchmark(settings: Settings) -> Section:
             f"ratios (min–max over shapes beside it); the worst shape is {worst.median:.3f}× ({worst.ratio()})."
         ),
     ]
-    targets = [
-        Target(
-            "LoRA layer fwd+bwd: LoRALinear / peft (geometric mean over shapes)",
-            geomean,
-            LIMIT,
-            spread=f"{per_shape.lo:.3f}–{per_shape.hi:.3f}× over {len(ratios)} shapes",
-            lo=min(r.lo for r in ratios),
-            hi=max(r.hi for r in ratios),
-        )
-    ]
-    if geomean > LIMIT:
+    if not target.passed:
         same = len(set(operators.values())) == 1
         notes.append(
             "MISS explained: "
@@ -192,6 +176,6 @@ def benchmark(settings: Settings) -> Section:
             "A/A control: peft copy / peft",
         ],
         rows,
-        targets,
+        [target],
         notes,
     )

@@ -3,7 +3,7 @@
     python -m benchmarks.run                      # everything (the notebook suite takes minutes)
     python -m benchmarks.run --quick              # few repeats, short runs: checks the benchmarks work
     python -m benchmarks.run --skip-notebooks     # all but the papermill notebook suite
-    python -m benchmarks.run --only train layer   # some of: train layer inference notebooks sizes gpu
+    python -m benchmarks.run --only train layer   # some of: train layer variants inference notebooks sizes gpu
 
 Give it a quiet machine: the numbers are medians over repeats, with their spread, but a busy neighbour
 still shows. Every measurement runs with the same ``torch.set_num_threads`` (``--threads``; default: what
@@ -29,7 +29,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import adapter_size, gpu, inference, lora_layer, notebooks, train_step
+from benchmarks import adapter_size, gpu, inference, lora_layer, notebooks, train_step, variants
 from benchmarks.common import (
     ROOT,
     TARGET_HEADER,
@@ -44,6 +44,7 @@ from benchmarks.common import (
 BENCHMARKS = {
     "train": ("Training step time", train_step.benchmark),
     "layer": ("LoRA linear layer, forward + backward", lora_layer.benchmark),
+    "variants": ("DoRA and LoCon layers, forward + backward", variants.benchmark),
     "inference": ("Inference: base, adapter unfused, adapter fused", inference.benchmark),
     "notebooks": ("Notebook suite (papermill)", None),  # called with its own arguments
     "sizes": ("Adapter file size", adapter_size.benchmark),

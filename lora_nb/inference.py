@@ -2,6 +2,7 @@
 
     pipe = load_lora_pipeline("sd-model-finetuned-lora")       # base model read from the adapter's card
     image = pipe("Green pokemon with menacing face", num_inference_steps=25).images[0]
+    images = sample_images(pipe, "Green pokemon with menacing face", n=4, seed=0)  # seeds 0, 1, 2, 3
     pipe.lora.set_scale(0.5); pipe.lora.fuse(); pipe.lora.unfuse(); pipe.lora.remove()
 
 The blog loaded with `pipe.unet.load_attn_procs(path)`, which current diffusers no longer uses for LoRA;
@@ -11,6 +12,7 @@ peft, with lora_nb's layers, and leaves the base weights untouched until you fus
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +132,23 @@ def load_base_pipeline(
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sample_images(pipe, prompt: str | Sequence[str], n: int | None = None, seed: int = 0, **call) -> list:
+    """Images of ``prompt`` (one prompt ``n`` times, or a list of prompts), image i from its own generator
+    seeded ``seed + i``: two models drawn with the same seeds start from the same noise, so their images
+    differ by their weights alone. ``call`` goes to the pipeline (num_inference_steps, guidance_scale, ...).
+
+    The generators are CPU ones: the same seed gives the same starting noise on any device.
+    """
+    if isinstance(prompt, str):
+        prompts = [prompt] * (1 if n is None else n)
+    elif n is not None and n != len(prompt):
+        raise ValueError(f"n={n} with {len(prompt)} prompts: give one prompt n times, or the list alone")
+    else:
+        prompts = list(prompt)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompts, generator=generators, **call).images
 
 
 def load_lora_pipeline(

@@ -7,7 +7,7 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from lora_nb import inject_lora, load_lora_pipeline, save_lora_weights
 from lora_nb.course.tiny import TINY_SD_PATH
-from lora_nb.inference import base_model_from_card
+from lora_nb.inference import base_model_from_card, load_base_pipeline, sample_images
 
 PROMPT = "a red circle"
 
@@ -111,3 +111,33 @@ def test_missing_adapter_is_named(tmp_path):
         load_lora_pipeline(tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter not found: ./nowhere"):
         load_lora_pipeline("./nowhere")
+
+
+class RecordingPipe:
+    """Stands in for a pipeline: records the prompts, the generators' seeds and the settings it is called with."""
+
+    def __call__(self, prompts, generator, **call):
+        self.prompts, self.seeds, self.call = prompts, [g.initial_seed() for g in generator], call
+        return type("Output", (), {"images": [f"image {i}" for i in range(len(prompts))]})()
+
+
+def test_sample_images_seeds_image_i_with_seed_plus_i():
+    pipe = RecordingPipe()
+    assert sample_images(pipe, PROMPT, n=3, seed=7, guidance_scale=3.0) == ["image 0", "image 1", "image 2"]
+    assert (pipe.prompts, pipe.seeds, pipe.call) == ([PROMPT] * 3, [7, 8, 9], {"guidance_scale": 3.0})
+    sample_images(pipe, ["a", "b"], seed=1)
+    assert (pipe.prompts, pipe.seeds) == (["a", "b"], [1, 2])
+    sample_images(pipe, PROMPT)  # one image, seed 0
+    assert (pipe.prompts, pipe.seeds) == ([PROMPT], [0])
+    with pytest.raises(ValueError, match="n=3 with 2 prompts"):
+        sample_images(pipe, ["a", "b"], n=3)
+
+
+def test_sample_images_draws_the_same_image_for_the_same_seed():
+    pipe = load_base_pipeline(TINY_SD_PATH)
+    call = {"num_inference_steps": 2, "output_type": "np"}
+    two = sample_images(pipe, PROMPT, n=2, seed=5, **call)
+    assert np.array_equal(two, sample_images(pipe, PROMPT, n=2, seed=5, **call))  # reproducible
+    assert np.abs(two[0] - two[1]).max() > 0.05  # seeds 5 and 6: different noise, different images
+    # image 1 of the batch is seed 6's image, as if drawn alone (a batch may differ in the last bits)
+    assert np.abs(two[1] - sample_images(pipe, PROMPT, seed=6, **call)[0]).max() < 1e-4

@@ -22,17 +22,19 @@ import gc
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from ..config import TrainConfig
 from ..data import CaptionedImages, ImageTransform, load_captioned_dataset
 from ..formats import load_lora_weights
-from ..inference import load_base_pipeline
+from ..inference import load_base_pipeline, sample_images
 from ..inject import TARGET_SETS, TEXT_ENCODER_ATTENTION, Targets, count_parameters, find_targets, remove_lora
 from ..sizes import adapter_size
-from ..train import train, training_resolution
+from ..train import TrainResult, train, training_resolution
 from .evaluate import HeldOut
 
 BASE = "base model"
@@ -134,17 +136,52 @@ def run_sweep(
     weights, dense), file_bytes (the file on disk, LoRA only), heldout_loss, train_loss (mean of the last
     quarter of the steps), losses, seconds, image (PIL), path.
     """
+    _check_targets(ranks, full_finetune)
+    settings = {  # what every run trains with; a run adds its targets, rank and folder
+        "pretrained_model_name_or_path": str(base_model),
+        "train_batch_size": train_batch_size,
+        "max_train_steps": max_train_steps,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "checkpointing_steps": 0,
+        "show_progress": False,
+        "center_crop": True,
+        "random_flip": True,
+        **train_settings,
+    }
+    sweep = _prepare(
+        dataset,
+        settings,
+        heldout=heldout,
+        max_train_samples=max_train_samples,
+        heldout_repeats=heldout_repeats,
+        eval_batch_size=eval_batch_size,
+        prompt=prompt,
+        num_inference_steps=num_inference_steps,
+        output_dir=Path(output_dir),
+        device=device,
+        dtype=dtype,
+        verbose=verbose,
+    )
+    rows = [sweep.report(_base_row(sweep))]
+    for name, target_ranks in ranks.items():
+        for rank in target_ranks:
+            rows.append(sweep.report(_lora_run(sweep, name, rank)))
+    if full_finetune:
+        rows.append(sweep.report(_full_reference(sweep, full_finetune, full_learning_rate)))
+    return rows
+
+
+def _check_targets(ranks: Mapping[str, Sequence[int]], full_finetune: str | None) -> None:
     unknown = sorted(set(ranks) - set(TARGET_SETS) | ({full_finetune} - set(TARGET_SETS) - {None}))
     if unknown:
         raise ValueError(f"unknown target set(s) {unknown}; choose from {list(TARGET_SETS)}")
     if any(rank < 1 for values in ranks.values() for rank in values):
         raise ValueError(f"ranks must be positive integers, got {dict(ranks)}")
-    output_dir = Path(output_dir)
-    image_column = train_settings.pop("image_column", "image")
-    caption_column = train_settings.pop("caption_column", "text")
-    train_settings = {"center_crop": True, "random_flip": True, **train_settings}
 
-    data = load_captioned_dataset(dataset, image_column, caption_column)
+
+def _split(data, heldout: int, max_train_samples: int | None) -> tuple:
+    """(the examples to train on, the held-out ones): the last ``heldout`` are held out."""
     if not 0 < heldout < len(data):
         raise ValueError(
             f"heldout={heldout}: keep at least one example out, and one to train on ({len(data)})"
@@ -152,41 +189,75 @@ def run_sweep(
     train_size = len(data) - heldout
     if max_train_samples:
         train_size = min(train_size, max_train_samples)
-    trained_part = data.select(range(train_size))
-    held = data.select(range(len(data) - heldout, len(data)))
-    held_images, held_captions = held[image_column], held[caption_column]
+    return data.select(range(train_size)), data.select(range(len(data) - heldout, len(data)))
 
-    def config(**overrides) -> TrainConfig:
-        return TrainConfig(
-            **{
-                "pretrained_model_name_or_path": str(base_model),
-                "train_batch_size": train_batch_size,
-                "max_train_steps": max_train_steps,
-                "learning_rate": learning_rate,
-                "seed": seed,
-                "checkpointing_steps": 0,
-                "show_progress": False,
-                **train_settings,
-                **overrides,
-            }
-        )
 
-    settings = config()
-    transform = ImageTransform(training_resolution(settings), settings.center_crop, settings.random_flip)
+def _prepare(
+    dataset,
+    settings: dict,
+    *,
+    heldout: int,
+    max_train_samples: int | None,
+    heldout_repeats: int,
+    eval_batch_size: int,
+    prompt: str,
+    num_inference_steps: int,
+    output_dir: Path,
+    device,
+    dtype,
+    verbose: bool,
+) -> _Sweep:
+    """Everything the runs share: the examples (their latents and text cached once, for every run), the
+    held-out set with its fixed noise, and the base pipeline that measures each run."""
+    settings = dict(settings)
+    image_column = settings.pop("image_column", "image")
+    caption_column = settings.pop("caption_column", "text")
+    data = load_captioned_dataset(dataset, image_column, caption_column)
+    trained_part, held = _split(data, heldout, max_train_samples)
+    config = TrainConfig(**settings)
+    seed = config.seed
+    transform = ImageTransform(training_resolution(config), config.center_crop, config.random_flip)
     examples = SharedCache(trained_part[image_column], trained_part[caption_column], transform, seed)
+    pipe = load_base_pipeline(config.pretrained_model_name_or_path, dtype=dtype, device=device)
+    held_out = HeldOut(pipe, held[image_column], held[caption_column], seed, heldout_repeats, eval_batch_size)
+    return _Sweep(
+        pipe, held_out, examples, settings, output_dir, prompt, num_inference_steps, seed, device, verbose
+    )
 
-    pipe = load_base_pipeline(base_model, dtype=dtype, device=device)
-    held_out = HeldOut(pipe, held_images, held_captions, seed, heldout_repeats, eval_batch_size)
 
-    def measure() -> tuple[float, object]:
-        loss = held_out.loss(pipe)
-        image = pipe(
-            prompt, num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed)
-        ).images[0]
-        return loss, image
+@dataclass
+class _Sweep:
+    """What every run of a sweep shares: the pipeline that measures, the held-out set, the training
+    examples, and the settings every run trains with (a run overrides some)."""
 
-    def report(row: dict) -> dict:
-        if verbose:
+    pipe: StableDiffusionPipeline
+    held_out: HeldOut
+    examples: SharedCache
+    settings: dict
+    output_dir: Path
+    prompt: str
+    num_inference_steps: int
+    seed: int
+    device: str | torch.device | None
+    verbose: bool
+
+    def train(self, folder: str, **overrides) -> tuple[TrainResult, float]:
+        """One run with the shared settings and ``overrides``, into ``output_dir/folder``: (result, seconds)."""
+        config = TrainConfig(**{**self.settings, **overrides, "output_dir": str(self.output_dir / folder)})
+        start = time.time()
+        result = train(config, dataset=self.examples)
+        return result, time.time() - start
+
+    def measure(self) -> tuple[float, object]:
+        """The pipeline's held-out loss, and its image of the prompt from the sweep's seed."""
+        loss = self.held_out.loss(self.pipe)
+        image = sample_images(
+            self.pipe, self.prompt, seed=self.seed, num_inference_steps=self.num_inference_steps
+        )
+        return loss, image[0]
+
+    def report(self, row: dict) -> dict:
+        if self.verbose:
             size = f"{row['fp16_bytes'] / 1e3:10,.1f} kB fp16" if row["params"] else " " * 18
             print(
                 f"{run_label(row):>34}: {row['params']:>11,} params {size}   held-out loss "
@@ -195,138 +266,123 @@ def run_sweep(
             )
         return row
 
-    loss, image = measure()
-    rows = [
-        report(
-            {
-                "targets": BASE,
-                "method": "base",
-                "rank": None,
-                "layers": 0,
-                "params": 0,
-                "fp32_bytes": 0,
-                "fp16_bytes": 0,
-                "file_bytes": None,
-                "heldout_loss": loss,
-                "train_loss": None,
-                "losses": [],
-                "seconds": 0.0,
-                "image": image,
-                "path": None,
-            }
-        )
-    ]
 
-    for name, target_ranks in ranks.items():
-        targets, text = TARGET_SETS[name]
-        parts = {"unet": (pipe.unet, targets)}
-        if text:
-            parts["text_encoder"] = (pipe.text_encoder, TEXT_ENCODER_ATTENTION)
-        for rank in target_ranks:
-            # Sizes first: the arithmetic needs the base model without LoRA layers in it.
-            fp32, fp16 = (adapter_size(parts, rank, dtype=d) for d in ("fp32", "fp16"))
-            start = time.time()
-            result = train(
-                config(
-                    target_modules=targets,
-                    train_text_encoder=text,
-                    rank=rank,
-                    output_dir=str(output_dir / f"{_slug(name)}-r{rank}"),
-                ),
-                dataset=examples,
-            )
-            seconds = time.time() - start
-            params = count_parameters(result.unet)[0] + count_parameters(result.text_encoder)[0]
-            path, losses = result.lora_path, result.losses
-            del result
-            _free(device)
-            # Measured as it would be used: the saved file put on the unchanged base pipeline.
-            load_lora_weights(path, unet=pipe.unet, text_encoder=pipe.text_encoder if text else None)
-            try:
-                loss, image = measure()
-            finally:
-                remove_lora(pipe.unet)
-                remove_lora(pipe.text_encoder)
-            rows.append(
-                report(
-                    {
-                        "targets": name,
-                        "method": "lora",
-                        "rank": rank,
-                        "layers": fp32.layers,
-                        "params": params,
-                        "fp32_bytes": fp32.file_bytes,
-                        "fp16_bytes": fp16.file_bytes,
-                        "file_bytes": path.stat().st_size,
-                        "heldout_loss": loss,
-                        "train_loss": _tail_mean(losses),
-                        "losses": losses,
-                        "seconds": seconds,
-                        "image": image,
-                        "path": path,
-                    }
-                )
-            )
-
-    if full_finetune:
-        rows.append(
-            report(
-                _full_reference(
-                    pipe, config, full_finetune, full_learning_rate, output_dir, measure, examples, device
-                )
-            )
-        )
-    return rows
-
-
-def _full_reference(
-    pipe, config, target_set: str, lr: float, output_dir: Path, measure, examples, device
+def _row(
+    targets: str,
+    method: str,
+    loss: float,
+    image,
+    *,
+    rank: int | None = None,
+    layers: int = 0,
+    params: int = 0,
+    fp32_bytes: int = 0,
+    fp16_bytes: int = 0,
+    file_bytes: int | None = None,
+    losses: Sequence[float] = (),
+    seconds: float = 0.0,
+    path: Path | None = None,
 ) -> dict:
-    """Train the target layers' own weights; measure them copied into the base pipeline, then put it back."""
-    targets, _ = TARGET_SETS[target_set]
-    layers = len(find_targets(pipe.unet, targets))
-    start = time.time()
-    result = train(
-        config(
-            finetune="full",
-            target_modules=targets,
-            learning_rate=lr,
-            output_dir=str(output_dir / f"{_slug(target_set)}-full"),
-        ),
-        dataset=examples,
-    )
-    seconds = time.time() - start
-    changed = {name: p.detach() for name, p in result.unet.named_parameters() if p.requires_grad}
-    params = sum(p.numel() for p in changed.values())
-    originals = {name: pipe.unet.get_parameter(name).detach().clone() for name in changed}
-    with torch.no_grad():
-        for name, p in changed.items():
-            pipe.unet.get_parameter(name).copy_(p)
-    losses, path = result.losses, result.unet_path
-    del result, changed
-    _free(device)
-    try:
-        loss, image = measure()
-    finally:
-        with torch.no_grad():
-            for name, p in originals.items():
-                pipe.unet.get_parameter(name).copy_(p)
+    """One row of the sweep; the defaults are those of a run that trained nothing (the base model)."""
     return {
-        "targets": full_label(target_set),
-        "method": "full",
-        "rank": None,
+        "targets": targets,
+        "method": method,
+        "rank": rank,
         "layers": layers,
         "params": params,
-        "fp32_bytes": 4 * params,
-        "fp16_bytes": 2 * params,
-        "file_bytes": None,
+        "fp32_bytes": fp32_bytes,
+        "fp16_bytes": fp16_bytes,
+        "file_bytes": file_bytes,
         "heldout_loss": loss,
         "train_loss": _tail_mean(losses),
-        "losses": losses,
+        "losses": list(losses),
         "seconds": seconds,
         "image": image,
         "path": path,
     }
+
+
+def _base_row(sweep: _Sweep) -> dict:
+    return _row(BASE, "base", *sweep.measure())
+
+
+def _lora_run(sweep: _Sweep, target_set: str, rank: int) -> dict:
+    """Train a rank-``rank`` LoRA on ``target_set``; measure its saved file on the base pipeline, then take
+    it off again."""
+    pipe = sweep.pipe
+    targets, text = TARGET_SETS[target_set]
+    parts = {"unet": (pipe.unet, targets)}
+    if text:
+        parts["text_encoder"] = (pipe.text_encoder, TEXT_ENCODER_ATTENTION)
+    # Sizes first: the arithmetic needs the base model without LoRA layers in it.
+    fp32, fp16 = (adapter_size(parts, rank, dtype=d) for d in ("fp32", "fp16"))
+    result, seconds = sweep.train(
+        f"{_slug(target_set)}-r{rank}", target_modules=targets, train_text_encoder=text, rank=rank
+    )
+    params = count_parameters(result.unet)[0] + count_parameters(result.text_encoder)[0]
+    path, losses = result.lora_path, result.losses
+    del result
+    _free(sweep.device)
+    # Measured as it would be used: the saved file put on the unchanged base pipeline.
+    load_lora_weights(path, unet=pipe.unet, text_encoder=pipe.text_encoder if text else None)
+    try:
+        loss, image = sweep.measure()
+    finally:
+        remove_lora(pipe.unet)
+        remove_lora(pipe.text_encoder)
+    return _row(
+        target_set,
+        "lora",
+        loss,
+        image,
+        rank=rank,
+        layers=fp32.layers,
+        params=params,
+        fp32_bytes=fp32.file_bytes,
+        fp16_bytes=fp16.file_bytes,
+        file_bytes=path.stat().st_size,
+        losses=losses,
+        seconds=seconds,
+        path=path,
+    )
+
+
+def _full_reference(sweep: _Sweep, target_set: str, lr: float) -> dict:
+    """Train the target layers' own weights; measure them copied into the base pipeline, then put it back."""
+    unet = sweep.pipe.unet
+    targets, _ = TARGET_SETS[target_set]
+    layers = len(find_targets(unet, targets))
+    result, seconds = sweep.train(
+        f"{_slug(target_set)}-full", finetune="full", target_modules=targets, learning_rate=lr
+    )
+    changed = {name: p.detach() for name, p in result.unet.named_parameters() if p.requires_grad}
+    params = sum(p.numel() for p in changed.values())
+    originals = {name: unet.get_parameter(name).detach().clone() for name in changed}
+    with torch.no_grad():
+        for name, p in changed.items():
+            unet.get_parameter(name).copy_(p)
+    losses, path = result.losses, result.unet_path
+    del result, changed
+    _free(sweep.device)
+    try:
+        loss, image = sweep.measure()
+    finally:
+        with torch.no_grad():
+            for name, p in originals.items():
+                unet.get_parameter(name).copy_(p)
+    return _row(
+        full_label(target_set),
+        "full",
+        loss,
+        image,
+        layers=layers,
+        params=params,
+        fp32_bytes=4 * params,
+        fp16_bytes=2 * params,
+        losses=losses,
+        seconds=seconds,
+        path=path,
+    )
 
 
 def _tail_mean(losses: Sequence[float]) -> float | None:
