@@ -29,7 +29,7 @@ from transformers import CLIPTokenizer
 
 from .config import LORA_ONLY, TrainConfig, config_from_args, flag
 from .data import CaptionedImages, DataError, ImageTransform
-from .inference import load_base_pipeline
+from .inference import load_base_pipeline, sample_images
 from .textual_inversion import check_new_token
 from .train import TrainResult, train, training_resolution
 
@@ -94,11 +94,7 @@ def generate_class_images(
     pipe = load_base_pipeline(base_model, dtype=dtype, device="cuda" if torch.cuda.is_available() else None)
     for first in tqdm(range(have, count, batch_size), desc="class images", unit="batch"):
         n = min(batch_size, count - first)
-        images = pipe(
-            [class_prompt] * n,
-            num_inference_steps=25,
-            generator=[torch.Generator().manual_seed(seed + first + i) for i in range(n)],
-        ).images
+        images = sample_images(pipe, class_prompt, n, seed=seed + first, num_inference_steps=25)
         for i, image in enumerate(images):
             tmp = folder / f".class-{first + i:05d}.png"
             image.save(tmp)

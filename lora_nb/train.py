@@ -790,12 +790,20 @@ def parameter_groups(config: TrainConfig, components: Components, params: list, 
     return groups
 
 
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str | None) -> torch.dtype:
+    """The dtype the frozen parts are loaded in under accelerate's ``mixed_precision`` (fp32 for "no")."""
+    return PRECISION_DTYPES.get(precision or "no", torch.float32)
+
+
 def prepare_run(
     config: TrainConfig, dataset, accelerator: Accelerator, resume_from: Path | None, seed: int
 ) -> Run:
     """Load the model, make what trains, cache what stays frozen, and build the loader, optimiser and
     schedule (in a checkpoint's state, on resume)."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    dtype = precision_dtype(accelerator.mixed_precision)
     components = load_components(config.pretrained_model_name_or_path, dtype, accelerator.device)
     params, restore_other_rows = trainable_parameters(config, components, resume_from, seed)
     text_trains = config.train_text_encoder or config.finetune == "embedding"

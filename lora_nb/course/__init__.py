@@ -9,6 +9,7 @@ load LoRAs; it never imports this package. The course imports the library. Read 
 - `evaluate`: what the figures are checked with (colour, shape, place, dots, style; held-out loss; subject
   fidelity; VAE reconstruction; a prompt suite per skill);
 - `viz`, `attention`: the figures; cross-attention maps;
+- `lesson`: what several notebooks do alike (the device and dtype to draw on, a subject fine-tune's scores);
 - `sweep`: rank × target-set sweeps against a full fine-tune;
 - `runner`, `site`: run the notebooks with papermill (`python -m lora_nb.course`), and the course site;
 - `prefetch`, `rehearsal`: real mode — fetch SD 1.5 and the data set once; rehearse every notebook offline.

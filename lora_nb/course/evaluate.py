@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..inference import sample_images
 from .world import (
     COLOURS,
     PAIRS,
@@ -288,16 +289,17 @@ def prompt_following(
     guidance_scale: float = 7.5,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Per skill, the share of `cases` whose image (seeded per batch) shows what the prompt asks."""
+    """Per skill, the share of `cases` whose image (case i drawn from seed `seed + i`) shows what it asks."""
     hits: dict[str, list[bool]] = {}
     for first in range(0, len(cases), batch_size):
         batch = cases[first : first + batch_size]
-        images = pipe(
+        images = sample_images(
+            pipe,
             [c.prompt for c in batch],
+            seed=seed + first,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed + first),
-        ).images
+        )
         for case, image in zip(batch, images, strict=True):
             hits.setdefault(case.skill, []).append(follows(case, image))
     return {skill: float(np.mean(h)) for skill, h in hits.items()}

@@ -18,10 +18,9 @@ from dataclasses import fields
 import torch
 
 from ..config import TrainConfig, check_value
-from ..train import training_precision
+from ..train import precision_dtype, training_precision
 from .evaluate import pixel_drift, subject_distance
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MEASURES = {  # name: what its value means, as the table's header says it
     "fidelity": "lower: like the subject",
     "leakage": "higher: class kept",
@@ -42,7 +41,7 @@ def device_and_dtype(mixed_precision: str | None = "no") -> tuple[str, torch.dty
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = TrainConfig(pretrained_model_name_or_path="", mixed_precision=mixed_precision)
     precision = training_precision(config, cpu=device == "cpu")
-    return device, DTYPES.get(precision, torch.float32)
+    return device, precision_dtype(precision)
 
 
 def subject_measures(
