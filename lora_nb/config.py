@@ -21,6 +21,8 @@ UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # Cross-attention only (attn2): the layers that read the text embedding.
 UNET_CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+# kohya's LoCon: the transformer blocks' 1x1 proj_in / proj_out and every resnet's 3x3 conv1 / conv2.
+UNET_CONV = ["proj_in", "proj_out", "conv1", "conv2"]
 TEXT_ENCODER_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
 MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
 # Flags for the data set the trainer loads itself (--train_data_dir, --dataset_name), not for a ready

@@ -13,6 +13,7 @@ from torch import nn
 from .config import (  # noqa: F401
     TEXT_ENCODER_ATTENTION,
     UNET_ATTENTION,
+    UNET_CONV,
     UNET_CROSS_ATTENTION,
     UNET_FEED_FORWARD,
 )
@@ -26,6 +27,7 @@ TARGET_SETS: dict[str, tuple[Targets, bool]] = {
     "attention": (UNET_ATTENTION, False),  # attn1 + attn2: diffusers' default, the blog's
     "attention+ff": (UNET_ATTENTION + UNET_FEED_FORWARD, False),  # + each transformer block's MLP
     "attention+text encoder": (UNET_ATTENTION, True),  # + q/k/v/out of every CLIP layer
+    "attention+conv": (UNET_ATTENTION + UNET_CONV, False),  # + the convolutions: kohya's LoCon
 }
 
 

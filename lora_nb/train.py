@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,6 +95,7 @@ class TrainResult:
     embedding_path: Path | None = None  # the new word's learned_embeds.safetensors (--placeholder_token)
     unet_path: Path | None = None  # the fine-tuned UNet's folder (--finetune full)
     validation_images: list = field(default_factory=list)
+    loop_seconds: float = 0.0  # wall time of this run's steps: no loading, caching or saving
 
 
 class TrainingDiverged(RuntimeError):
@@ -632,6 +634,7 @@ class Run:
     history: dict = field(default_factory=lambda: {"losses": [], "lrs": []})
     global_step: int = 0
     last_good: Path | None = None  # the newest checkpoint this run wrote, or resumed from
+    loop_seconds: float = 0.0
 
 
 def train(config: TrainConfig, dataset: TrainingSet | None = None) -> TrainResult:
@@ -657,6 +660,7 @@ def train(config: TrainConfig, dataset: TrainingSet | None = None) -> TrainResul
         for model in run.trained:
             model.train()
         first_epoch = run.global_step // run.steps_per_epoch
+        loop_start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             for epoch in range(first_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
                 if run.global_step >= run.max_steps:  # resumed at the last step
@@ -685,6 +689,7 @@ def train(config: TrainConfig, dataset: TrainingSet | None = None) -> TrainResul
                     and run.global_step < run.max_steps  # the last step's images are drawn by finish
                 ):
                     sample_validation_images(config, run.components, accelerator, run.global_step)
+        run.loop_seconds = time.perf_counter() - loop_start
         progress.close()
         return finish(run)
 
@@ -948,6 +953,7 @@ def finish(run: Run) -> TrainResult:
         run.global_step,
         unet=accelerator.unwrap_model(components.unet),
         text_encoder=accelerator.unwrap_model(components.text_encoder),
+        loop_seconds=run.loop_seconds,
     )
     if accelerator.is_main_process:
         if config.finetune == "full":

@@ -7,8 +7,17 @@ import torch
 from PIL import Image
 
 from lora_nb.course.evaluate import HeldOut
-from lora_nb.course.sweep import BASE, format_bytes, meta_parts, run_label, run_sweep, sweep_table
+from lora_nb.course.sweep import (
+    BASE,
+    VARIANTS,
+    format_bytes,
+    meta_parts,
+    run_label,
+    run_sweep,
+    sweep_table,
+)
 from lora_nb.course.tiny import TINY_SD_PATH
+from lora_nb.course.world import IMAGE_SIZE
 from lora_nb.data import load_captioned_dataset
 from lora_nb.formats import read_lora
 from lora_nb.inference import load_base_pipeline
@@ -48,7 +57,9 @@ def test_one_row_per_run_base_first_reference_last(rows):
         "cross-attention (full)",
     ]
     assert [r["method"] for r in rows] == ["base", "lora", "lora", "lora", "full"]
-    assert all(isinstance(r["image"], Image.Image) and r["image"].size == (32, 32) for r in rows)
+    assert all(
+        isinstance(r["image"], Image.Image) and r["image"].size == (IMAGE_SIZE, IMAGE_SIZE) for r in rows
+    )
     assert all(r["heldout_loss"] > 0 for r in rows)
     assert all(len(r["losses"]) == 2 for r in rows[1:])
 
@@ -164,3 +175,47 @@ def test_format_bytes():
         "3.23 MB",
         "3.44 GB",
     ]
+
+
+def test_variants_train_what_they_say_and_their_sizes_are_exact(tmp_path):
+    rows = run_sweep(
+        TINY_SD_PATH,
+        CREATURES,
+        {"attention": [2]},
+        full_finetune=None,
+        variants=VARIANTS,
+        output_dir=tmp_path,
+        **TINY,
+    )
+    by_variant = {r["variant"]: r for r in rows[1:]}
+    assert list(by_variant) == list(VARIANTS)
+    assert (
+        run_label(by_variant["DoRA"]) == "attention r2 DoRA"
+        and run_label(by_variant["LoRA"]) == "attention r2"
+    )
+    plain = by_variant["LoRA"]
+    for row in by_variant.values():
+        assert row["file_bytes"] == row["path"].stat().st_size == row["fp32_bytes"]
+        assert row["step_seconds"] > 0 and row["step_seconds"] * len(row["losses"]) < row["seconds"]
+    magnitudes = sum(1 for key in read_lora(by_variant["DoRA"]["path"]).tensors if "magnitude" in key)
+    assert magnitudes == plain["layers"]  # one magnitude vector per adapted layer
+    assert by_variant["DoRA"]["params"] > plain["params"] == by_variant["rsLoRA"]["params"]
+    assert by_variant["LoRA+"]["params"] == plain["params"]
+    assert by_variant["LoRA+"]["losses"][1] != plain["losses"][1]  # B's faster rate changed the second step
+    assert by_variant["rsLoRA"]["losses"][1] != plain["losses"][1]  # alpha / sqrt(r): another scale
+    locon = by_variant["LoCon"]
+    assert locon["targets"] == "attention+conv" and locon["layers"] > plain["layers"]
+    assert any(key.endswith("conv1.lora_A.weight") for key in read_lora(locon["path"]).tensors)
+
+
+def test_an_unknown_variant_target_set_is_named_before_anything_trains(tmp_path):
+    with pytest.raises(ValueError, match="attention\\+convs"):
+        run_sweep(
+            TINY_SD_PATH,
+            CREATURES,
+            {"attention": [1]},
+            variants={"x": {"target_set": "attention+convs"}},
+            output_dir=tmp_path,
+            **TINY,
+        )
+    assert not any(tmp_path.iterdir())

@@ -38,6 +38,15 @@ from ..train import TrainResult, train, training_resolution
 from .evaluate import HeldOut
 
 BASE = "base model"
+PLAIN = "LoRA"
+# Variants of LoRA, as trainer settings ("target_set" replaces the run's): what notebook 8 compares.
+VARIANTS = {
+    PLAIN: {},
+    "rsLoRA": {"use_rslora": True},
+    "DoRA": {"use_dora": True},
+    "LoRA+": {"loraplus_lr_ratio": 16.0},
+    "LoCon": {"target_set": "attention+conv"},
+}
 
 
 def full_label(target_set: str) -> str:
@@ -45,9 +54,10 @@ def full_label(target_set: str) -> str:
 
 
 def run_label(row: Mapping) -> str:
-    """A short name for a row: "attention r4", "attention (full)", "base model"."""
+    """A short name for a row: "attention r4", "attention r4 DoRA", "attention (full)", "base model"."""
     if row["method"] == "lora":
-        return f"{row['targets']} r{row['rank']}"
+        variant = "" if row["variant"] == PLAIN else f" {row['variant']}"
+        return f"{row['targets']} r{row['rank']}{variant}"
     return row["targets"].replace("full fine-tune", "full")
 
 
@@ -104,6 +114,7 @@ def run_sweep(
     ranks: Mapping[str, Sequence[int]],
     *,
     full_finetune: str | None = "attention",
+    variants: Mapping[str, Mapping] | None = None,
     max_train_steps: int = 40,
     train_batch_size: int = 8,
     learning_rate: float = 1e-3,
@@ -126,17 +137,22 @@ def run_sweep(
     ``ranks`` maps names in TARGET_SETS to the ranks to train them at, e.g. {"attention": [1, 4, 16]}.
     The data set's last ``heldout`` examples are never trained on; the first ``max_train_samples`` of the
     rest are (all of them with None). ``full_finetune`` names the target set whose layers a full fine-tune
-    trains as the reference (None: no reference run). ``train_settings`` go to TrainConfig as they are
+    trains as the reference (None: no reference run). ``variants`` ({name: trainer settings}, e.g.
+    ``{"LoRA": {}, "DoRA": {"use_dora": True}}``; VARIANTS has more) trains each (target set, rank) once
+    per variant with those settings on top, a "target_set" among them replacing the run's; by default
+    plain LoRA once. ``train_settings`` go to TrainConfig as they are
     (resolution, mixed_precision, gradient_accumulation_steps, gradient_checkpointing, lr_scheduler, ...);
     crops are centred and flips random unless they say otherwise. ``dtype``/``device`` are those of the
     pipeline that measures (default: fp32 on the CPU).
 
     Returns one dict per run, the base model first: targets, method ("base", "lora" or "full"), rank,
-    layers, params (trainable), fp32_bytes and fp16_bytes (the adapter file; a full fine-tune's changed
-    weights, dense), file_bytes (the file on disk, LoRA only), heldout_loss, train_loss (mean of the last
-    quarter of the steps), losses, seconds, image (PIL), path.
+    variant, layers, params (trainable), fp32_bytes and fp16_bytes (the adapter file; a full fine-tune's
+    changed weights, dense), file_bytes (the file on disk, LoRA only), heldout_loss, train_loss (mean of
+    the last quarter of the steps), losses, seconds (the whole run), step_seconds (the loop's wall time
+    per step: no loading, caching or saving), image (PIL), path.
     """
-    _check_targets(ranks, full_finetune)
+    variants = dict(variants or {PLAIN: {}})
+    _check_targets(ranks, full_finetune, variants)
     settings = {  # what every run trains with; a run adds its targets, rank and folder
         "pretrained_model_name_or_path": str(base_model),
         "train_batch_size": train_batch_size,
@@ -166,14 +182,24 @@ def run_sweep(
     rows = [sweep.report(_base_row(sweep))]
     for name, target_ranks in ranks.items():
         for rank in target_ranks:
-            rows.append(sweep.report(_lora_run(sweep, name, rank)))
+            for variant, extra in variants.items():
+                extra = dict(extra)
+                target_set = extra.pop("target_set", name)
+                rows.append(sweep.report(_lora_run(sweep, target_set, rank, variant, extra)))
     if full_finetune:
         rows.append(sweep.report(_full_reference(sweep, full_finetune, full_learning_rate)))
     return rows
 
 
-def _check_targets(ranks: Mapping[str, Sequence[int]], full_finetune: str | None) -> None:
-    unknown = sorted(set(ranks) - set(TARGET_SETS) | ({full_finetune} - set(TARGET_SETS) - {None}))
+def _check_targets(
+    ranks: Mapping[str, Sequence[int]], full_finetune: str | None, variants: Mapping[str, Mapping]
+) -> None:
+    named = (
+        set(ranks)
+        | {full_finetune} - {None}
+        | {v["target_set"] for v in variants.values() if "target_set" in v}
+    )
+    unknown = sorted(named - set(TARGET_SETS))
     if unknown:
         raise ValueError(f"unknown target set(s) {unknown}; choose from {list(TARGET_SETS)}")
     if any(rank < 1 for values in ranks.values() for rank in values):
@@ -242,7 +268,9 @@ class _Sweep:
     verbose: bool
 
     def train(self, folder: str, **overrides) -> tuple[TrainResult, float]:
-        """One run with the shared settings and ``overrides``, into ``output_dir/folder``: (result, seconds)."""
+        """One run with the shared settings and ``overrides``, into ``output_dir/folder``: (result, seconds).
+
+        The overrides are checked whole (TrainConfig's own checks) before anything trains."""
         config = TrainConfig(**{**self.settings, **overrides, "output_dir": str(self.output_dir / folder)})
         start = time.time()
         result = train(config, dataset=self.examples)
@@ -281,12 +309,15 @@ def _row(
     file_bytes: int | None = None,
     losses: Sequence[float] = (),
     seconds: float = 0.0,
+    step_seconds: float | None = None,
+    variant: str | None = None,
     path: Path | None = None,
 ) -> dict:
     """One row of the sweep; the defaults are those of a run that trained nothing (the base model)."""
     return {
         "targets": targets,
         "method": method,
+        "variant": variant,
         "rank": rank,
         "layers": layers,
         "params": params,
@@ -297,6 +328,7 @@ def _row(
         "train_loss": _tail_mean(losses),
         "losses": list(losses),
         "seconds": seconds,
+        "step_seconds": step_seconds,
         "image": image,
         "path": path,
     }
@@ -306,19 +338,22 @@ def _base_row(sweep: _Sweep) -> dict:
     return _row(BASE, "base", *sweep.measure())
 
 
-def _lora_run(sweep: _Sweep, target_set: str, rank: int) -> dict:
-    """Train a rank-``rank`` LoRA on ``target_set``; measure its saved file on the base pipeline, then take
-    it off again."""
+def _lora_run(sweep: _Sweep, target_set: str, rank: int, variant: str, settings: Mapping) -> dict:
+    """Train a rank-``rank`` LoRA (of ``variant``: trainer ``settings`` on top of the sweep's) on
+    ``target_set``; measure its saved file on the base pipeline, then take it off again."""
     pipe = sweep.pipe
     targets, text = TARGET_SETS[target_set]
     parts = {"unet": (pipe.unet, targets)}
     if text:
         parts["text_encoder"] = (pipe.text_encoder, TEXT_ENCODER_ATTENTION)
     # Sizes first: the arithmetic needs the base model without LoRA layers in it.
-    fp32, fp16 = (adapter_size(parts, rank, dtype=d) for d in ("fp32", "fp16"))
+    shape = {key: settings.get(key, False) for key in ("use_dora", "use_rslora")}
+    fp32, fp16 = (adapter_size(parts, rank, dtype=d, **shape) for d in ("fp32", "fp16"))
+    folder = f"{_slug(target_set)}-r{rank}" + ("" if variant == PLAIN else f"-{_slug(variant)}")
     result, seconds = sweep.train(
-        f"{_slug(target_set)}-r{rank}", target_modules=targets, train_text_encoder=text, rank=rank
+        folder, target_modules=targets, train_text_encoder=text, rank=rank, **settings
     )
+    step_seconds = result.loop_seconds / max(1, result.global_step)
     params = count_parameters(result.unet)[0] + count_parameters(result.text_encoder)[0]
     path, losses = result.lora_path, result.losses
     del result
@@ -343,6 +378,8 @@ def _lora_run(sweep: _Sweep, target_set: str, rank: int) -> dict:
         file_bytes=path.stat().st_size,
         losses=losses,
         seconds=seconds,
+        step_seconds=step_seconds,
+        variant=variant,
         path=path,
     )
 
@@ -362,6 +399,7 @@ def _full_reference(sweep: _Sweep, target_set: str, lr: float) -> dict:
         for name, p in changed.items():
             unet.get_parameter(name).copy_(p)
     losses, path = result.losses, result.unet_path
+    step_seconds = result.loop_seconds / max(1, result.global_step)
     del result, changed
     _free(sweep.device)
     try:
@@ -381,6 +419,7 @@ def _full_reference(sweep: _Sweep, target_set: str, lr: float) -> dict:
         fp16_bytes=2 * params,
         losses=losses,
         seconds=seconds,
+        step_seconds=step_seconds,
         path=path,
     )
 
