@@ -140,3 +140,28 @@ def test_the_subject_is_told_from_a_plain_star_and_from_near_misses():
         assert not shows_subject(image(**near_miss)), near_miss
     assert shows_plain(image(mark=None)) and shows_plain(image(colour="blue")) and not shows_plain(image())
     assert not shows_plain(image(shape="square", mark=None))
+
+
+def test_magnitude_and_direction_read_a_scaling_and_a_rotation_apart():
+    import torch
+    from torch import nn
+
+    from lora_nb import inject_lora
+    from lora_nb.course.evaluate import magnitude_and_direction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    inject_lora(model, ["0", "1"], rank=8, alpha=8)
+    first, second = model[0], model[1]
+    with torch.no_grad():  # B A = 0.5 W: the same directions, 1.5 times longer
+        first.lora_A.weight.copy_(torch.eye(8))
+        first.lora_B.weight.copy_(0.5 * first.base.weight)
+        rotation = torch.linalg.qr(torch.randn(8, 8))[0]  # B A = W R - W: the same lengths, turned
+        second.lora_A.weight.copy_(rotation.T - torch.eye(8))
+        second.lora_B.weight.copy_(second.base.weight)
+    changes = magnitude_and_direction(model)
+    assert changes["0"][0] == pytest.approx(0.5, abs=1e-5) and changes["0"][1] == pytest.approx(0, abs=1e-5)
+    assert changes["1"][0] == pytest.approx(0, abs=1e-5) and changes["1"][1] > 0.1
+    first.merge()
+    with pytest.raises(ValueError, match="0 is merged"):
+        magnitude_and_direction(model)

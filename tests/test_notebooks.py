@@ -28,6 +28,7 @@ EXPECTED_FIGURES = {
     "05-adapter-sizes": ["sweep-loss", "sweep-sizes", "sweep-samples", "sd-sizes"],
     "06-pivotal-tuning": ["comparison"],
     "07-inference-in-practice": ["mixing"],
+    "08-beyond-lora": ["variants", "samples", "magnitude-direction", "dora-scale-zero"],
 }
 NOTEBOOKS = course_notebooks()
 CELL_TIMEOUT = 300  # seconds; the slowest cell takes about a minute here: more is a hang, failed and named

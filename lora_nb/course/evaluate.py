@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..inference import sample_images
+from ..inject import lora_layers
 from .world import (
     COLOURS,
     PAIRS,
@@ -410,3 +411,22 @@ def reconstruction_error(vae, images, batch_size: int = 64) -> dict[str, float]:
         errors.append(((y - x).float() / 2).pow(2).mean(dim=(1, 2, 3)).cpu())
     mse = float(torch.cat(errors).mean())
     return {"mse": mse, "psnr": float(10 * np.log10(1.0 / mse))}
+
+
+@torch.no_grad()
+def magnitude_and_direction(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """DoRA's analysis of an update (Liu et al., 2024, sec. 2): per LoRA layer in `model`, with W the frozen
+    weight and W' the weight the layer computes with (``merged_weight``), compared output channel by output
+    channel (each row of W): the mean relative magnitude change |‖W'ᵢ‖ - ‖Wᵢ‖| / ‖Wᵢ‖ and the mean
+    direction change 1 - cos(W'ᵢ, Wᵢ)."""
+    changes = {}
+    for name, layer in lora_layers(model).items():
+        if layer.merged:
+            raise ValueError(f"{name} is merged: unmerge it first, its base weight is no longer W")
+        before = layer.base.weight.flatten(1).float()
+        after = layer.merged_weight().flatten(1).float()
+        norms = before.norm(dim=1)
+        magnitude = ((after.norm(dim=1) - norms).abs() / norms).mean()
+        direction = (1 - torch.nn.functional.cosine_similarity(after, before, dim=1)).mean()
+        changes[name] = (float(magnitude), float(direction))
+    return changes

@@ -442,16 +442,18 @@ def sweep_table(rows: Sequence[Mapping]) -> str:
     """The sweep as a Markdown table, one line per run, with the held-out loss's change from the base model."""
     base = next((r["heldout_loss"] for r in rows if r["method"] == "base"), None)
     lines = [
-        "| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base | time / step |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         change = f"{r['heldout_loss'] / base - 1:+.1%}" if base and r["method"] != "base" else ""
         sizes = (
             f"{format_bytes(r['fp32_bytes'])} | {format_bytes(r['fp16_bytes'])}" if r["params"] else "– | –"
         )
+        name = r["targets"] if r.get("variant") in (None, PLAIN) else f"{r['targets']} ({r['variant']})"
+        step = f"{1e3 * r['step_seconds']:.0f} ms" if r.get("step_seconds") else "–"
         lines.append(
-            f"| {r['targets']} | {r['rank'] or '–'} "
-            f"| {r['layers']} | {r['params']:,} | {sizes} | {r['heldout_loss']:.4f} | {change} |"
+            f"| {name} | {r['rank'] or '–'} | {r['layers']} | {r['params']:,} | {sizes} "
+            f"| {r['heldout_loss']:.4f} | {change} | {step} |"
         )
     return "\n".join(lines)

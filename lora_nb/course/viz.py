@@ -316,6 +316,53 @@ def size_bars_figure(
     return fig
 
 
+def variants_figure(rows: Sequence[Mapping], title: str | None = None) -> Figure:
+    """Held-out loss against trainable parameters (left) and against time per step (right), one labelled
+    point per LoRA variant of a sweep (`run_sweep(..., variants=...)`'s rows); the base model dashed."""
+    runs = [r for r in rows if r["method"] == "lora"]
+    base = next((r["heldout_loss"] for r in rows if r["method"] == "base"), None)
+    fig = CourseFigure(figsize=(9, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, (key, label, scale) in zip(
+        axes,
+        (("params", "trainable parameters", 1), ("step_seconds", "time per training step (ms)", 1e3)),
+        strict=True,
+    ):
+        for r, colour in zip(runs, _colours(len(runs)), strict=True):
+            ax.plot([r[key] * scale], [r["heldout_loss"]], marker="o", color=colour, linestyle="none")
+            ax.annotate(
+                r["variant"], (r[key] * scale, r["heldout_loss"]), textcoords="offset points", xytext=(5, 3)
+            )
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="base model (no adapter)")
+        ax.set(xlabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="held-out denoising loss")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "the variants: what they cost, what they reach")
+    return fig
+
+
+def magnitude_direction_figure(
+    changes: Mapping[str, Sequence[tuple[float, float]]], title: str | None = None
+) -> Figure:
+    """DoRA's analysis (Liu et al., 2024, fig. 2): per adapted layer, how far training moved the weights'
+    magnitude (x) and direction (y); one colour per adapter in `changes` ({name: [(dM, dD) per layer]})."""
+    fig = CourseFigure(figsize=(5.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for (name, points), colour in zip(changes.items(), _colours(len(changes)), strict=True):
+        dm, dd = np.array(points, dtype=float).T
+        ax.scatter(dm, dd, s=14, color=colour, alpha=0.75, label=name)
+    ax.set(
+        xlabel="magnitude change, mean |m' - m| / m per layer",
+        ylabel="direction change, mean 1 - cos(W', W)",
+        title=title or "magnitude and direction of each layer's update",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def _colours(n: int) -> list:
     cycle = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"]
     return [cycle[i % len(cycle)] for i in range(n)]
