@@ -62,10 +62,19 @@ def creatures_table(pipe, guidance: float, count: int = 30) -> str:
     training, sampled = mean_style(originals), mean_style(images)
     return "\n".join(
         [
-            "| from the creatures' captions | body + two eyes of the named colours | outline share | paper luma |",
+            (
+                "| from the creatures' captions | body + two eyes of the named colours | outline share "
+                "| paper luma |"
+            ),
             "| --- | --- | --- | --- |",
-            f"| the creatures themselves ({count}) | {colours(originals):.0%} | {training['outline']:.3f} | {training['background_luma']:.0f} |",
-            f"| this base model, guidance {guidance} | {colours(images):.0%} | {sampled['outline']:.3f} | {sampled['background_luma']:.0f} |",
+            (
+                f"| the creatures themselves ({count}) | {colours(originals):.0%} | {training['outline']:.3f} "
+                f"| {training['background_luma']:.0f} |"
+            ),
+            (
+                f"| this base model, guidance {guidance} | {colours(images):.0%} | {sampled['outline']:.3f} "
+                f"| {sampled['background_luma']:.0f} |"
+            ),
         ]
     )
 
@@ -101,7 +110,10 @@ def main() -> None:
 
     pipe = load_tiny_pipeline(args.model)
     tables = [
-        "Prompt following (`lora_nb.course.evaluate.prompt_suite`: plain prompts, each read back from the image):",
+        (
+            "Prompt following (`lora_nb.course.evaluate.prompt_suite`: plain prompts, each read back from the "
+            "image):"
+        ),
         following_table(pipe, args.per_case, args.guidance),
         "Not yet a creature drawer (the style notebook 03 teaches):",
         creatures_table(pipe, args.guidance),

@@ -1,4 +1,4 @@
-"""Pretrain the embedded tiny Stable Diffusion on the 64 px parts world (`lora_nb.course.world`) and export it.
+"""Pretrain the embedded tiny Stable Diffusion on the 64 px parts world (`lora_nb.course.world`), export it.
 
     python scripts/pretrain_tiny_sd.py --work pretrain-work            # resumes from pretrain-work/ if there
     python scripts/pretrain_tiny_sd.py --work pretrain-work --export-only
@@ -124,7 +124,8 @@ def detail_weights(images: torch.Tensor) -> torch.Tensor:
 
 def train_decoder(pipe, work: Path, args) -> None:
     """Fine-tune the VAE's decoder alone, as SD's ft-MSE VAE decoders were made: the encoder, and so the
-    latents the UNet learns from, stay as they are, so this stage can run before, beside or after the UNet's."""
+    latents the UNet learns from, stay as they are, so this stage can run before, beside or after the
+    UNet's."""
     ckpt, vae = work / "decoder.pt", pipe.vae
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
@@ -281,10 +282,10 @@ with a thick black outline and two yellow dots on the left on a pink background"
 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
 {vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for {decoder_steps}
-more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the UNet and the text encoder
-together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr}, 10% empty captions for
-classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images; this export uses the EMA
-weights. It has never seen the creatures' composition or caption language ("a drawing of a blue creature
+more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the
+UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr},
+10% empty captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images;
+this export uses the EMA weights. It has never seen the creatures' composition or caption language ("a drawing of a blue creature
 with red eyes and round ears") nor the DreamBooth subject (an orange star with a purple dot): those are
 what the course's LoRAs teach.
 """

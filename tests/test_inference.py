@@ -114,7 +114,8 @@ def test_missing_adapter_is_named(tmp_path):
 
 
 class RecordingPipe:
-    """Stands in for a pipeline: records the prompts, the generators' seeds and the settings it is called with."""
+    """Stands in for a pipeline: records the prompts, the generators' seeds and the settings it is called
+    with."""
 
     def __call__(self, prompts, generator, **call):
         self.prompts, self.seeds, self.call = prompts, [g.initial_seed() for g in generator], call

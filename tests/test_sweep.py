@@ -96,7 +96,8 @@ def test_the_full_reference_counts_its_layers_dense(rows):
 
 
 def test_each_run_is_measured_on_the_unchanged_base(rows, tmp_path):
-    """A run measures the same whether other adapters (text encoder LoRA included) were on the pipeline before."""
+    """A run measures the same whether other adapters (text encoder LoRA included) were on the pipeline
+    before."""
     alone = run_sweep(
         TINY_SD_PATH, CREATURES, {"attention": [1]}, full_finetune=None, output_dir=tmp_path, **TINY
     )

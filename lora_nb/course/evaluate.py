@@ -88,7 +88,8 @@ def centroid(mask: np.ndarray) -> tuple[float, float]:
 
 
 def position_of(mask: np.ndarray, margin: float = 0.06) -> str:
-    """'left', 'right', 'top' or 'bottom' where the centroid is off centre by more than `margin`, else 'center'."""
+    """'left', 'right', 'top' or 'bottom' where the centroid is off centre by more than `margin`, else
+    'center'."""
     x, y = (c - 0.5 for c in centroid(mask))
     if max(abs(x), abs(y)) <= margin:
         return "center"
@@ -307,7 +308,8 @@ def prompt_following(
 
 
 def style_statistics(image) -> dict[str, float]:
-    """The creatures' style in numbers: dark outline pixels that are not background, and the paper's lightness."""
+    """The creatures' style in numbers: dark outline pixels that are not background, and the paper's
+    lightness."""
     rgb = _rgb(image)
     luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     background = background_colour(rgb)
@@ -374,7 +376,8 @@ def heldout_denoising_loss(
 
 
 def colour_histogram(image, bins: int = 4) -> np.ndarray:
-    """The foreground's colours as a normalised bins^3 histogram: what a subject 'looks like' to this evaluator."""
+    """The foreground's colours as a normalised bins^3 histogram: what a subject 'looks like' to this
+    evaluator."""
     rgb = _rgb(image)
     pixels = rgb[foreground_mask(rgb)]
     if len(pixels) == 0:
@@ -385,7 +388,8 @@ def colour_histogram(image, bins: int = 4) -> np.ndarray:
 
 
 def subject_distance(images, references) -> float:
-    """Mean over `images` of the distance to the nearest reference, in [0, 1] (half the L1 histogram distance).
+    """Mean over `images` of the distance to the nearest reference, in [0, 1] (half the L1 histogram
+    distance).
 
     0: every image has a reference with the same foreground colours; 1: no colour in common.
     """

@@ -439,10 +439,14 @@ def format_bytes(n: float) -> str:
 
 
 def sweep_table(rows: Sequence[Mapping]) -> str:
-    """The sweep as a Markdown table, one line per run, with the held-out loss's change from the base model."""
+    """The sweep as a Markdown table, one line per run, with the held-out loss's change from the base
+    model."""
     base = next((r["heldout_loss"] for r in rows if r["method"] == "base"), None)
     lines = [
-        "| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base | time / step |",
+        (
+            "| run | rank | layers | trainable params | fp32 file | fp16 file | held-out loss | vs base "
+            "| time / step |"
+        ),
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:

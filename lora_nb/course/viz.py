@@ -120,7 +120,8 @@ def reconstruction_error_figure(
 def layer_energy_figure(
     shares: Mapping[str, Sequence[float]], layers: Sequence[str], rank: int, title: str | None = None
 ) -> Figure:
-    """For every layer (x), the energy share of the top `rank` singular values (y), one series per matrix kind."""
+    """For every layer (x), the energy share of the top `rank` singular values (y), one series per matrix
+    kind."""
     fig = CourseFigure(figsize=(max(6.0, 0.12 * len(layers)), 3.8), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(layers))
@@ -141,7 +142,8 @@ def layer_energy_figure(
 def parameter_count_figure(
     shapes: Mapping[str, tuple[int, int]], ranks: Sequence[int], title: str | None = None
 ) -> Figure:
-    """Parameters of a dense update d_out x d_in (dashed) against a LoRA pair B A, r (d_in + d_out) (solid)."""
+    """Parameters of a dense update d_out x d_in (dashed) against a LoRA pair B A, r (d_in + d_out)
+    (solid)."""
     fig = CourseFigure(figsize=(8, 3.6), layout="constrained")
     ax = fig.subplots()
     ranks = np.asarray(ranks)

@@ -339,7 +339,8 @@ def draw_nonsquare_sample(seed: int) -> Sample:
 
 
 def draw_creature_sample(seed: int) -> Sample:
-    """A pocket-monster-like creature: a centred outlined body, ears, two eyes with pupils, on pastel paper."""
+    """A pocket-monster-like creature: a centred outlined body, ears, two eyes with pupils, on pastel
+    paper."""
     rng = random.Random(seed)
     body, eyes = rng.sample(list(COLOURS), 2)
     paper = rng.choice(PASTELS)
