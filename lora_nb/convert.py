@@ -173,6 +173,16 @@ def split_layers(
     return {stem: (a, b, alpha) for stem, (a, b, alpha, _) in layers.items()}
 
 
+def delta_weights(tensors: StateDict, metadata: dict | None = None) -> dict[str, torch.Tensor]:
+    """{"unet.<path>": ΔW}: each layer's update (alpha / r) B A in its base weight's shape, fp32, what
+    merging adds to W (a Conv2d's 1x1 B folded into A's kernel). DoRA layers raise, as in split_layers."""
+    deltas = {}
+    for stem, (a, b, alpha) in split_layers(tensors, metadata).items():
+        update = b.flatten(1).float() @ a.flatten(1).float()  # (d_out, d_in [* k * k])
+        deltas[stem] = (alpha / a.shape[0]) * update.view(b.shape[0], *a.shape[1:])
+    return deltas
+
+
 def split_dora_layers(
     tensors: StateDict, metadata: dict | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:

@@ -7,6 +7,7 @@ from conftest import make_text_encoder, make_unet
 from test_convert import as_kohya
 from test_formats import outputs, randomize_lora, run_unet
 
+from lora_nb.convert import delta_weights, metadata_for
 from lora_nb.formats import (
     LoraAdapter,
     load_lora_weights,
@@ -144,3 +145,32 @@ def test_mixing_refuses_mismatched_inputs(adapters):
         match=re.escape(f"{UNET_Q}: the adapters disagree on its (d_in, d_out): [(32, 32), (64, 32)]"),
     ):
         mix_loras([files[0], other], [1.0, 1.0])
+
+
+def test_delta_weights_are_what_the_layers_add_and_the_mix_sums_them(adapters):
+    (unet1, _, _), files = adapters
+    first, second = (read_lora(f) for f in files)
+    deltas1 = delta_weights(first.tensors, first.metadata)
+    for name, layer in lora_layers(unet1).items():  # the layer's own (alpha / r) B A, alpha 8 at rank 4
+        torch.testing.assert_close(deltas1[f"unet.{name}"], layer.delta_weight())
+    deltas2 = delta_weights(second.tensors, second.metadata)
+    mixed = mix_loras(files, [W1, W2])
+    for stem, delta in delta_weights(mixed.tensors, mixed.metadata).items():
+        expected = W1 * deltas1.get(stem, 0) + W2 * deltas2.get(stem, 0)
+        torch.testing.assert_close(delta, expected, atol=ATOL, rtol=RTOL)
+    assert set(delta_weights(mixed.tensors, mixed.metadata)) == set(deltas1) | set(deltas2)
+
+
+def test_delta_weights_of_a_conv_layer_have_the_kernel_shape():
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1))
+    inject_lora(model, ["0"], rank=2, alpha=4)
+    layer = lora_layers(model)["0"]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    tensors = {"unet.0.lora_A.weight": layer.lora_A.weight, "unet.0.lora_B.weight": layer.lora_B.weight}
+    metadata = metadata_for({"unet.0": (2, 4.0)})
+    delta = delta_weights(tensors, metadata)["unet.0"]
+    assert delta.shape == (5, 3, 3, 3)
+    torch.testing.assert_close(delta, layer.delta_weight())
