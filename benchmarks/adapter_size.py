@@ -71,11 +71,11 @@ def benchmark(settings: Settings) -> Section:
             checks.append(f"{targets} r{rank}: {actual:,} B")
     notes = [
         (
-            "MB = 10^6 bytes. lora_nb saves fp32; fp16 is what a half-precision export of the same adapter weighs. "
-            "Sizes are computed on the meta device (no weights loaded) by `lora_nb.sizes`."
+            "MB = 10^6 bytes. lora_nb saves fp32; fp16 is what a half-precision export of the same adapter "
+            "weighs. Sizes are computed on the meta device (no weights loaded) by `lora_nb.sizes`."
         ),
-        "Saved-file check (tiny-sd UNet, `inject_lora` + `save_lora_weights`, fp32): the predicted size equals "
-        "the file on disk to the byte for " + "; ".join(checks) + ".",
+        "Saved-file check (tiny-sd UNet, `inject_lora` + `save_lora_weights`, fp32): the predicted size "
+        "equals the file on disk to the byte for " + "; ".join(checks) + ".",
     ]
     return Section(
         "Adapter file size (UNet LoRA, by rank and targets)",

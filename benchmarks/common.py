@@ -1,4 +1,5 @@
-"""What every benchmark shares: repeated, interleaved timing; medians and spread; targets; tables; the machine."""
+"""What every benchmark shares: repeated, interleaved timing; medians and spread; targets; tables; the
+machine."""
 
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ def geomean(values: Sequence[float]) -> float:
 
 def geomean_target(name: str, ratios: Sequence[Stat], limit: float) -> Target:
     """Per-shape paired ratios judged together: the geometric mean of their medians against ``limit``, with
-    the medians' range over the shapes beside it; flagged when any repeat of any shape lies across the limit."""
+    the medians' range over the shapes beside it; flagged when any repeat of any shape lies across the
+    limit."""
     medians = [r.median for r in ratios]
     return Target(
         name,
@@ -167,7 +169,8 @@ def interleave(variants: dict[str, Callable[[], float]], repeats: int) -> dict[s
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], settings: Settings) -> dict[str, Stat]:
-    """Seconds per call of each of ``calls``: each warmed up once, then timed interleaved, one sample a repeat."""
+    """Seconds per call of each of ``calls``: each warmed up once, then timed interleaved, one sample a
+    repeat."""
     for call in calls.values():
         call()  # warm-up
     return interleave(

@@ -139,8 +139,9 @@ def benchmark(settings: Settings) -> Section:
         )
     notes = [
         (
-            f"Device: {torch.cuda.get_device_name(0)}. Rank {RANK} on to_q, to_k, to_v, to_out.0; fp16 frozen "
-            "weights, fp32 LoRA factors, GradScaler, AdamW, clipping; random weights from SD 1.5's UNet config."
+            f"Device: {torch.cuda.get_device_name(0)}. Rank {RANK} on to_q, to_k, to_v, to_out.0; fp16 "
+            "frozen weights, fp32 LoRA factors, GradScaler, AdamW, clipping; random weights from SD 1.5's "
+            "UNet config."
         ),
         (
             "steps/s is over timed windows after warm-up (median, min–max over windows); peak memory is "

@@ -1,15 +1,16 @@
 """Inference with an adapter: the base pipeline, the adapter unfused, and the adapter fused into the weights.
 
-1. The tiny pipeline end to end (``pipe(prompt, num_inference_steps=25)``, DPM-Solver++, guidance 7.5, PIL out):
-   ``load_tiny_pipeline`` against ``load_lora_pipeline`` with a rank-4 adapter on the UNet's attention,
+1. The tiny pipeline end to end (``pipe(prompt, num_inference_steps=25)``, DPM-Solver++, guidance 7.5, PIL
+   out): ``load_tiny_pipeline`` against ``load_lora_pipeline`` with a rank-4 adapter on the UNet's attention,
    unfused and then ``pipe.lora.fuse()``d.
 2. An SD-1.5-shaped attention block: the ``Transformer2DModel`` of SD 1.5's first down block (320 channels,
    8 heads of 40, a 64x64 latent = 4096 tokens, 77 text tokens of width 768), random weights, batch 2 (one
    conditional and one unconditional, as under guidance), forward only.
 
 Fused must cost what the base costs: fusing (``lora_nb.fuse_lora``, which ``pipe.lora.fuse()`` uses) folds the
-update into the weights and puts the plain ``nn.Linear`` layers back, so a fused model is the base's module tree
-with other numbers in it (checked here); any difference from the base is noise, read against the A/A column.
+update into the weights and puts the plain ``nn.Linear`` layers back, so a fused model is the base's module
+tree with other numbers in it (checked here); any difference from the base is noise, read against the A/A
+column.
 """
 
 from __future__ import annotations

@@ -131,8 +131,9 @@ def benchmark(settings: Settings) -> Section:
     worst = max(ratios, key=lambda r: r.median)
     notes = [
         (
-            f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; each repeat "
-            f"times as many calls as fit in {min_time:g} s; the two layers alternate, order rotated per repeat."
+            f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; "
+            f"each repeat times as many calls as fit in {min_time:g} s; the two layers alternate, order "
+            "rotated per repeat."
         ),
         (
             "Both layers are checked to give the same output before timing. The A/A control times a second, "
@@ -148,8 +149,9 @@ def benchmark(settings: Settings) -> Section:
             )
         ),
         (
-            f"The target is judged on the geometric mean over the {len(ratios)} shapes of the per-shape median "
-            f"ratios (min–max over shapes beside it); the worst shape is {worst.median:.3f}× ({worst.ratio()})."
+            f"The target is judged on the geometric mean over the {len(ratios)} shapes of the per-shape "
+            f"median ratios (min–max over shapes beside it); the worst shape is {worst.median:.3f}× "
+            f"({worst.ratio()})."
         ),
     ]
     if not target.passed:
@@ -157,11 +159,11 @@ def benchmark(settings: Settings) -> Section:
         notes.append(
             "MISS explained: "
             + (
-                "both layers run the same operators (above), so no kernel of LoRALinear is slower; what is left is "
-                "Python call overhead (microseconds, visible only at 77 tokens) and noise — compare the A/A column. "
-                f"Both share the frozen base's matmuls; the LoRA branch is 2r/d = {2 * RANK / WIDTHS[-1]:.1%}–"
-                f"{2 * RANK / WIDTHS[0]:.1%} of the FLOPs plus one scale and one add over the output, so even a "
-                "perfect LoRALinear could beat peft by a few percent at most."
+                "both layers run the same operators (above), so no kernel of LoRALinear is slower; what is "
+                "left is Python call overhead (microseconds, visible only at 77 tokens) and noise — compare "
+                "the A/A column. Both share the frozen base's matmuls; the LoRA branch is 2r/d = "
+                f"{2 * RANK / WIDTHS[-1]:.1%}–{2 * RANK / WIDTHS[0]:.1%} of the FLOPs plus one scale and one "
+                "add over the output, so even a perfect LoRALinear could beat peft by a few percent at most."
                 if same
                 else "the layers run different operators (above): the extra ones are the cause."
             )

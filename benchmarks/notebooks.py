@@ -156,14 +156,14 @@ def benchmark(settings: Settings, repeats: int = 1, only: list[str] | None = Non
     names = ", ".join(nb.name for nb in course_notebooks(only))
     notes = [
         (
-            f"`python -m lora_nb.course --out <tmp>` on the embedded default: {names}; executed notebooks and "
-            "HTML pages are written (to a temporary folder), as the README's main job does: the runner's own "
-            "default of one notebook per core on a CPU, the cores split between their kernels; `--threads` "
-            "does not apply."
+            f"`python -m lora_nb.course --out <tmp>` on the embedded default: {names}; executed notebooks "
+            "and HTML pages are written (to a temporary folder), as the README's main job does: the "
+            "runner's own default of one notebook per core on a CPU, the cores split between their "
+            "kernels; `--threads` does not apply."
         ),
         (
-            "The getrusage peak is over every child this benchmark process has waited for, so it is the largest "
-            "process of the runs so far."
+            "The getrusage peak is over every child this benchmark process has waited for, so it is the "
+            "largest process of the runs so far."
         ),
     ]
     if failure:

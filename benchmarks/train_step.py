@@ -123,7 +123,8 @@ class Phases:
 
 
 class StepClock:
-    """Stands in for tqdm in lora_nb.train: stamps the time at creation and at every ``update`` (one per step)."""
+    """Stands in for tqdm in lora_nb.train: stamps the time at creation and at every ``update`` (one per
+    step)."""
 
     def __init__(self, stamps: list[float], setup: StepSetup, phases: Phases):
         self.stamps, self.setup, self.phases = stamps, setup, phases
@@ -503,9 +504,9 @@ def diagnosis(stats: dict[str, Stat], runs: dict[str, list[Run]]) -> list[str]:
             )
             why += (
                 f" Caching removes only the VAE encoder, the text encoder and the per-item data work: "
-                f"{avoidable:.0%} of the reference step (phase table); the UNet's forward and backward, which "
-                f"every loop pays, are the rest (the reference's, with peft's layers, take {unet:.2f}× the "
-                f"floor's). Reaching {VS_REFERENCE}× needs that avoidable share ≥ {1 - VS_REFERENCE:.0%} "
+                f"{avoidable:.0%} of the reference step (phase table); the UNet's forward and backward, "
+                f"which every loop pays, are the rest (the reference's, with peft's layers, take {unet:.2f}× "
+                f"the floor's). Reaching {VS_REFERENCE}× needs that avoidable share ≥ {1 - VS_REFERENCE:.0%} "
                 f"(bigger images give the VAE a bigger share) or a cheaper UNet step than the floor's."
             )
         notes.append(why)
@@ -566,21 +567,23 @@ def benchmark(settings: Settings) -> Section:
     notes = [
         (
             f"Model {setup.model.name}, data {setup.data.name}, native resolution, batch {setup.batch_size}, "
-            f"rank {setup.rank}, fp32, AdamW lr {setup.learning_rate}, max_grad_norm {setup.max_grad_norm}, centre "
-            f"crop + random flip, no data-loader workers; per run {setup.warmup} warm-up steps, then "
+            f"rank {setup.rank}, fp32, AdamW lr {setup.learning_rate}, max_grad_norm {setup.max_grad_norm}, "
+            f"centre crop + random flip, no data-loader workers; per run {setup.warmup} warm-up steps, then "
             f"{setup.steps} timed steps (time / steps)."
         ),
         (
-            f"One-time cost the trainer pays for its speed: caching VAE latents (both flips) and text embeddings "
-            f"takes {cache.fmt(1, 's')}, inside its setup time; it pays for itself after {break_even} "
-            f"(cache time / per-step saving over the reference). Saving the adapter and model card after the last "
-            f"step: {teardown.fmt(1, 's')}. The floor's setup includes its own precomputation of the inputs."
+            f"One-time cost the trainer pays for its speed: caching VAE latents (both flips) and text "
+            f"embeddings takes {cache.fmt(1, 's')}, inside its setup time; it pays for itself after "
+            f"{break_even} (cache time / per-step saving over the reference). Saving the adapter and model "
+            f"card after the last step: {teardown.fmt(1, 's')}. The floor's setup includes its own "
+            f"precomputation of the inputs."
         ),
         "Ratios are per repeat (runs interleaved, order rotated), then median and min–max over repeats.",
         (
             "Phases: timestamps at the loops' seams (for lora_nb: its `batch_latents`, `batch_text`, "
-            "`denoising_loss`, accelerate's `backward`, `clip_grad_norm_`, optimizer `step`/`zero_grad`, wrapped "
-            "while it runs); the sum can differ slightly from the step time, which is measured separately."
+            "`denoising_loss`, accelerate's `backward`, `clip_grad_norm_`, optimizer `step`/`zero_grad`, "
+            "wrapped while it runs); the sum can differ slightly from the step time, which is measured "
+            "separately."
         ),
         *diagnosis(stats, runs),
     ]

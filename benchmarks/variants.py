@@ -118,21 +118,22 @@ def benchmark(settings: Settings) -> Section:
     floors = [geomean([c.median for c in controls]) for controls in (dora_controls, locon_controls)]
     notes = [
         (
-            f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; each "
-            f"repeat times as many calls as fit in {settings.min_time:g} s; all variants of a shape alternate, "
-            "order rotated per repeat. Ratios are per repeat (paired), then median and min–max."
+            f"Rank {RANK}, fp32, frozen base with bias; forward + backward with a fixed output gradient; "
+            f"each repeat times as many calls as fit in {settings.min_time:g} s; all variants of a shape "
+            "alternate, order rotated per repeat. Ratios are per repeat (paired), then median and min–max."
         ),
         (
             "Ours and peft's are checked to give the same output (same factors; for DoRA the same magnitude, "
             f"moved off ||W||) within {TOLERANCE:g} before timing. The A/A control times a second, identical "
-            "peft layer (peft DoRA for the linear table): its distance from 1 is the noise floor; its geometric "
-            f"mean over shapes is {floors[0]:.3f}× (DoRA) and {floors[1]:.3f}× (LoCon)."
+            "peft layer (peft DoRA for the linear table): its distance from 1 is the noise floor; its "
+            f"geometric mean over shapes is {floors[0]:.3f}× (DoRA) and {floors[1]:.3f}× (LoCon)."
         ),
         (
-            "Both DoRAs recompute ||W + s B A|| per output channel every call (detached, as in the DoRA paper): "
-            "the DoRA / LoRA columns are that cost, largest where tokens are few against the weight's size. "
-            "Ours forms B A as one matmul; peft (an FSDP workaround) runs a d x d identity through lora_A and "
-            "lora_B, twice the FLOPs plus the identity and a transposed copy, hence ours' lead at 77 tokens."
+            "Both DoRAs recompute ||W + s B A|| per output channel every call (detached, as in the DoRA "
+            "paper): the DoRA / LoRA columns are that cost, largest where tokens are few against the "
+            "weight's size. Ours forms B A as one matmul; peft (an FSDP workaround) runs a d x d identity "
+            "through lora_A and lora_B, twice the FLOPs plus the identity and a transposed copy, hence ours' "
+            "lead at 77 tokens."
         ),
         "Each target is judged as the plain layer's: the geometric mean of the per-shape median ratios.",
     ]

@@ -68,8 +68,8 @@ def creatures_table(pipe, guidance: float, count: int = 30) -> str:
             ),
             "| --- | --- | --- | --- |",
             (
-                f"| the creatures themselves ({count}) | {colours(originals):.0%} | {training['outline']:.3f} "
-                f"| {training['background_luma']:.0f} |"
+                f"| the creatures themselves ({count}) | {colours(originals):.0%} "
+                f"| {training['outline']:.3f} | {training['background_luma']:.0f} |"
             ),
             (
                 f"| this base model, guidance {guidance} | {colours(images):.0%} | {sampled['outline']:.3f} "
@@ -111,8 +111,8 @@ def main() -> None:
     pipe = load_tiny_pipeline(args.model)
     tables = [
         (
-            "Prompt following (`lora_nb.course.evaluate.prompt_suite`: plain prompts, each read back from the "
-            "image):"
+            "Prompt following (`lora_nb.course.evaluate.prompt_suite`: plain prompts, each read back from "
+            "the image):"
         ),
         following_table(pipe, args.per_case, args.guidance),
         "Not yet a creature drawer (the style notebook 03 teaches):",

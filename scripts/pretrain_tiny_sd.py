@@ -285,9 +285,9 @@ How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb reposito
 more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the
 UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr},
 10% empty captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images;
-this export uses the EMA weights. It has never seen the creatures' composition or caption language ("a drawing of a blue creature
-with red eyes and round ears") nor the DreamBooth subject (an orange star with a purple dot): those are
-what the course's LoRAs teach.
+this export uses the EMA weights. It has never seen the creatures' composition or caption language ("a
+drawing of a blue creature with red eyes and round ears") nor the DreamBooth subject (an orange star with a
+purple dot): those are what the course's LoRAs teach.
 """
 
 

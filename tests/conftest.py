@@ -17,7 +17,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(items):
-    """The notebooks first: the longest tests started early, and work-stealing, keep both workers busy to the end."""
+    """The notebooks first: the longest tests started early, and work-stealing, keep both workers busy to
+    the end."""
     items.sort(key=lambda item: item.module.__name__ != "test_notebooks")
 
 

@@ -79,7 +79,8 @@ def test_keys_shapes_and_metadata(tmp_path):
 def test_diffusers_loads_our_file_to_the_same_outputs(
     tmp_path, mixed, pipeline_factory, unet_inputs, token_ids
 ):
-    """The ecosystem contract: StableDiffusionPipeline.load_lora_weights reads what we save, alpha included."""
+    """The ecosystem contract: StableDiffusionPipeline.load_lora_weights reads what we save, alpha
+    included."""
     unet, text_encoder = trained_pair(mixed)
     ours = outputs(unet, text_encoder, unet_inputs, token_ids)
     save_lora_weights(tmp_path, unet=unet, text_encoder=text_encoder)
@@ -199,7 +200,8 @@ def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 
 def test_an_adapter_for_another_model_is_refused_naming_the_first_bad_key(tmp_path):
-    # A UNet whose cross-attention reads 16 features, not 32: attn2.to_k/to_v's A is (4, 16) there, (4, 32) here.
+    # A UNet whose cross-attention reads 16 features, not 32: attn2.to_k/to_v's A is (4, 16) there,
+    # (4, 32) here.
     source = UNet2DConditionModel.from_config({**make_unet().config, "cross_attention_dim": 16})
     inject_lora(source, UNET_ATTENTION, rank=4)
     save_lora_weights(tmp_path, unet=source)

@@ -1,4 +1,5 @@
-"""The course: every notebook runs under papermill and shows what it promises; the files stay diff-friendly."""
+"""The course: every notebook runs under papermill and shows what it promises; the files stay
+diff-friendly."""
 
 import json
 import re

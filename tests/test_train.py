@@ -64,7 +64,8 @@ BLOG_COMMAND = """--pretrained_model_name_or_path={model} --dataset_name={data} 
 
 
 def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
-    """The blog's flags with the embedded paths (3 steps, no hub); then diffusers and lora_nb load it alike."""
+    """The blog's flags with the embedded paths (3 steps, no hub); then diffusers and lora_nb load it
+    alike."""
     from diffusers import StableDiffusionPipeline
 
     from lora_nb import load_lora_pipeline
@@ -102,7 +103,8 @@ def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
 
 
 def test_resume_gives_the_uninterrupted_adapter(tmp_path):
-    """Stopped at a checkpoint and resumed, the run ends on the same adapter, bit for bit, in the same file."""
+    """Stopped at a checkpoint and resumed, the run ends on the same adapter, bit for bit, in the same
+    file."""
     settings = {
         "max_train_steps": 6,
         "checkpointing_steps": 3,
@@ -276,17 +278,20 @@ from lora_nb.formats import lora_state_dict
 from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.train import TrainConfig, train
 from accelerate import PartialState
-result = train(TrainConfig(str(TINY_SD_PATH), train_data_dir=sys.argv[1], output_dir=sys.argv[2], max_train_samples=8,
-                           center_crop=True, train_batch_size=1, max_train_steps=3, learning_rate=1e-3, seed=0,
-                           show_progress=False, checkpointing_steps=0))
+result = train(TrainConfig(str(TINY_SD_PATH), train_data_dir=sys.argv[1], output_dir=sys.argv[2],
+                           max_train_samples=8, center_crop=True, train_batch_size=1, max_train_steps=3,
+                           learning_rate=1e-3, seed=0, show_progress=False, checkpointing_steps=0))
 state = PartialState()
 tensors = {k: v.contiguous() for k, v in lora_state_dict(result.unet).items()}
-safetensors.torch.save_file(tensors, f"{sys.argv[2]}/rank{state.process_index}-of-{state.num_processes}.safetensors")
+safetensors.torch.save_file(
+    tensors, f"{sys.argv[2]}/rank{state.process_index}-of-{state.num_processes}.safetensors"
+)
 """
 
 
 def test_two_cpu_processes_train_one_synchronised_adapter(tmp_path):
-    """torchrun with 2 processes (gloo): data sharded, gradients averaged, one adapter from the main process."""
+    """torchrun with 2 processes (gloo): data sharded, gradients averaged, one adapter from the main
+    process."""
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     out = tmp_path / "out"

@@ -45,7 +45,8 @@ def attention_modules(unet: nn.Module) -> dict[str, Attention]:
 
 
 def _grid(name: str, unet: nn.Module) -> int:
-    """Latent side at which the layer named `name` works (a down block halves it at its end; up blocks double)."""
+    """Latent side at which the layer named `name` works (a down block halves it at its end; up blocks
+    double)."""
     side, levels = unet.config.sample_size, len(unet.config.block_out_channels)
     block, index = name.split(".")[:2]
     if block == "down_blocks":
@@ -160,7 +161,8 @@ class AttentionStore:
 
 
 class CaptureProcessor:
-    """An attention processor that lets the layer's own processor compute the output, and records softmax(QK^T)."""
+    """An attention processor that lets the layer's own processor compute the output, and records
+    softmax(QK^T)."""
 
     def __init__(self, processor, store: AttentionStore):
         self.processor = processor
@@ -177,7 +179,8 @@ class CaptureProcessor:
             **kwargs,
         )
         with torch.no_grad():
-            # The default processor's path for SD's transformer blocks: hidden_states (batch, pixels, channels).
+            # The default processor's path for SD's transformer blocks: hidden_states (batch, pixels,
+            # channels).
             context = encoder_hidden_states
             if attn.norm_cross:
                 context = attn.norm_encoder_hidden_states(context)

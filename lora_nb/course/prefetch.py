@@ -1,7 +1,7 @@
 """Fetch what the course's real mode needs into the Hugging Face cache, once, then run it offline.
 
-    python -m lora_nb.course.prefetch                 # SD 1.5 and the naruto captions (about 5.4 GB), then a check
-    python -m lora_nb.course.prefetch --check         # only the check: would the course load everything offline?
+    python -m lora_nb.course.prefetch            # SD 1.5 and the naruto captions (about 5.4 GB), then a check
+    python -m lora_nb.course.prefetch --check    # only the check: would the course load everything offline?
     HF_HOME=/mnt/usb/hf python -m lora_nb.course.prefetch    # a shared cache for a room of laptops
 
 Interrupted, it resumes: files already complete are skipped, a partial one continues. Afterwards the course

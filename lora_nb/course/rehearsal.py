@@ -1,13 +1,15 @@
 """Rehearse real mode without a network or a GPU: SD 1.5 and the naruto captions, as files in a hub cache.
 
-    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --out outputs/rehearsal   # snapshot (once), then notebooks
+    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --out outputs/rehearsal   # snapshot (once), then
+                                                                                   # notebooks
     python -m lora_nb.course.rehearsal --hf-home /tmp/hf --only 03                 # one notebook
-    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --snapshot-only           # write the cache, run nothing
+    python -m lora_nb.course.rehearsal --hf-home /tmp/hf --snapshot-only           # write the cache,
+                                                                                   # run nothing
 
-The snapshot is what `python -m lora_nb.course.prefetch` leaves behind, written from the other side: the hub cache's
-own layout (`models--org--name/{blobs,snapshots/<commit>,refs/main,trees}`) under the real ids, SD 1.5's real
-configs, a CLIP tokenizer of the real vocabulary size (49408; a synthetic BPE, the real one cannot be
-downloaded here), random weights, and a few dozen captioned images as the hub's parquet, prepared as
+The snapshot is what `python -m lora_nb.course.prefetch` leaves behind, written from the other side: the hub
+cache's own layout (`models--org--name/{blobs,snapshots/<commit>,refs/main,trees}`) under the real ids,
+SD 1.5's real configs, a CLIP tokenizer of the real vocabulary size (49408; a synthetic BPE, the real one
+cannot be downloaded here), random weights, and a few dozen captioned images as the hub's parquet, prepared as
 `datasets` prepares a download. The repository's full file list goes into the cache as a download records
 it, so diffusers checks, offline, that the files `lora_nb.course.prefetch` fetches are all it needs.
 

@@ -152,7 +152,8 @@ def load_tiny_pipeline(
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"no tiny pipeline at {path} (model_index.json missing); it is made by scripts/pretrain_tiny_sd.py"
+            f"no tiny pipeline at {path} (model_index.json missing); it is made by "
+            "scripts/pretrain_tiny_sd.py"
         )
     from ..inference import load_base_pipeline
 
