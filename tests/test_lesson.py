@@ -88,3 +88,33 @@ def test_subject_table_one_line_per_model_under_its_headers():
     assert [line.split(" | ")[0] for line in lines] == ["       base", "a long name"]
     assert [float(v) for v in lines[1].split(" | ")[1:]] == [0.25, 0.75, 0.125]
     assert all(len(line) == len(header) for line in lines)  # the columns line up
+
+
+def test_measure_checkpoints_measures_each_checkpoint_on_the_unchanged_base(tmp_path):
+    from lora_nb.course.evaluate import HeldOut
+    from lora_nb.course.lesson import measure_checkpoints
+    from lora_nb.course.tiny import TINY_SD_PATH
+    from lora_nb.data import load_captioned_dataset
+    from lora_nb.formats import load_lora_weights
+    from lora_nb.inference import load_base_pipeline
+    from lora_nb.train import TrainConfig, train
+
+    creatures = TINY_SD_PATH.parent / "creatures"
+    settings = {"pretrained_model_name_or_path": str(TINY_SD_PATH), "dataset_name": str(creatures)}
+    settings |= {"max_train_samples": 4, "train_batch_size": 2, "seed": 0, "show_progress": False}
+    train(TrainConfig(**settings, max_train_steps=4, checkpointing_steps=2, output_dir=str(tmp_path / "run")))
+    pipe = load_base_pipeline(TINY_SD_PATH)
+    held = load_captioned_dataset(creatures).select(range(296, 300))
+    held_out = HeldOut(pipe, held["image"], held["text"], repeats=1)
+    base = held_out.loss(pipe)
+    call = {"num_inference_steps": 2}
+    rows = measure_checkpoints(pipe, tmp_path / "run", [held_out], ["a red circle"], final_step=4, **call)
+    assert [r["step"] for r in rows] == [2, 4] and len(rows[0]["images"]) == 1
+    assert rows[0]["losses"][0] != base != rows[1]["losses"][0]  # each adapter was on while measured
+    assert held_out.loss(pipe) == base  # and taken off again
+    # the same numbers as the final adapter measured on its own
+    final = load_base_pipeline(TINY_SD_PATH)
+    load_lora_weights(tmp_path / "run", unet=final.unet)
+    assert held_out.loss(final) == pytest.approx(rows[1]["losses"][0], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        measure_checkpoints(pipe, tmp_path, [held_out], ["a red circle"], **call)

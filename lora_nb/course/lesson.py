@@ -1,4 +1,5 @@
-"""What several notebooks do alike: pick the device and dtype to draw on, and score a subject fine-tune.
+"""What several notebooks do alike: pick the device and dtype to draw on, score a subject fine-tune, and
+measure a run's checkpoints.
 
 The device and dtype follow the trainer's own reading of ``mixed_precision``; the scores are notebook 4's
 fidelity, leakage and drift (``lora_nb.course.evaluate``'s measures), which notebook 6 reports too:
@@ -14,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
 from ..config import TrainConfig, check_value
-from ..train import precision_dtype, training_precision
-from .evaluate import pixel_drift, subject_distance
+from ..formats import load_lora_weights, read_lora
+from ..inference import sample_images
+from ..inject import remove_lora
+from ..train import checkpoint_dirs, precision_dtype, training_precision
+from .evaluate import HeldOut, pixel_drift, subject_distance
 
 MEASURES = {  # name: what its value means, as the table's header says it
     "fidelity": "lower: like the subject",
@@ -81,3 +86,41 @@ def subject_table(rows: Mapping[str, Mapping[str, float]]) -> str:
         ]
         lines.append(" | ".join([f"{name:>{width}}", *values]))
     return "\n".join(lines)
+
+
+def measure_checkpoints(
+    pipe,
+    output_dir: str | Path,
+    held_out: Sequence[HeldOut],
+    prompts: Sequence[str],
+    final_step: int | None = None,
+    seed: int = 0,
+    **call,
+) -> list[dict]:
+    """Every checkpoint of a training run (``output_dir/checkpoint-N``, oldest first), and with
+    ``final_step`` the run's final adapter (``output_dir`` itself: the trainer writes no checkpoint at the
+    last step), put on ``pipe`` in turn and measured, then taken off again: {"step", "losses": [each
+    HeldOut's loss], "images": one per prompt, prompt i from seed + i}. ``call`` goes to the pipeline."""
+    folders = {int(folder.name.split("-")[1]): folder for folder in checkpoint_dirs(Path(output_dir))}
+    if final_step is not None:
+        folders[final_step] = Path(output_dir)
+    if not folders:
+        raise FileNotFoundError(f"no checkpoint-N folder in {output_dir}: train with checkpointing_steps > 0")
+    rows = []
+    for step, folder in sorted(folders.items()):
+        adapter = read_lora(folder)
+        has_text = any(key.startswith("text_encoder.") for key in adapter.tensors)
+        load_lora_weights(adapter, unet=pipe.unet, text_encoder=pipe.text_encoder if has_text else None)
+        try:
+            losses = [h.loss(pipe) for h in held_out]
+            rows.append(
+                {
+                    "step": step,
+                    "losses": losses,
+                    "images": sample_images(pipe, list(prompts), seed=seed, **call),
+                }
+            )
+        finally:
+            remove_lora(pipe.unet)
+            remove_lora(pipe.text_encoder)
+    return rows
