@@ -8,9 +8,11 @@ from PIL import Image
 
 from lora_nb.course.viz import (
     attention_figure,
+    fitting_figure,
     image_grid,
     layer_energy_figure,
     loss_figure,
+    magnitude_direction_figure,
     parameter_count_figure,
     rank_sweep_figure,
     reconstruction_error_figure,
@@ -18,6 +20,7 @@ from lora_nb.course.viz import (
     size_bars_figure,
     spectrum_figure,
     token_share_figure,
+    variants_figure,
 )
 
 
@@ -187,3 +190,33 @@ def test_size_bars_figure_grouped_bars_labels_and_references():
     assert ax.get_yscale() == "log" and ax.get_ylabel() == "kB"
     with pytest.raises(ValueError, match="2 values for 3 labels"):
         size_bars_figure(["a", "b", "c"], {"fp32": [1.0, 2.0]})
+
+
+def variant_rows():
+    base = {"method": "base", "variant": None, "params": 0, "step_seconds": None, "heldout_loss": 0.30}
+    runs = [("LoRA", 100, 0.010, 0.28), ("DoRA", 120, 0.015, 0.27)]
+    keys = ("variant", "params", "step_seconds", "heldout_loss")
+    return [base] + [{"method": "lora", **dict(zip(keys, run, strict=True))} for run in runs]
+
+
+def test_variants_figure_puts_each_variant_at_its_cost_and_loss():
+    left, right = variants_figure(variant_rows()).axes
+    assert [list(line.get_xdata()) for line in left.lines[:2]] == [[100], [120]]
+    assert [list(line.get_xdata()) for line in right.lines[:2]] == [[10.0], [15.0]]  # milliseconds
+    assert [list(line.get_ydata()) for line in right.lines[:2]] == [[0.28], [0.27]]
+    assert sorted(t.get_text() for t in left.texts) == ["DoRA", "LoRA"]
+    assert list(left.lines[2].get_ydata()) == [0.30, 0.30]  # the base model
+
+
+def test_magnitude_direction_figure_one_cloud_per_adapter():
+    (ax,) = magnitude_direction_figure({"LoRA": [(0.1, 0.01), (0.2, 0.02)], "DoRA": [(0.3, 0.0)]}).axes
+    lora, dora = ax.collections
+    assert lora.get_offsets().tolist() == [[0.1, 0.01], [0.2, 0.02]] and len(dora.get_offsets()) == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["LoRA", "DoRA"]
+
+
+def test_fitting_figure_one_line_per_curve_and_the_base():
+    (ax,) = fitting_figure([50, 100], {"trained on": [0.2, 0.1], "held out": [0.25, 0.3]}, base=0.27).axes
+    trained, held, base = ax.lines
+    assert list(trained.get_xdata()) == [50, 100] and list(held.get_ydata()) == [0.25, 0.3]
+    assert list(base.get_ydata()) == [0.27, 0.27]

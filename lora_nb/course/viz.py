@@ -318,6 +318,26 @@ def size_bars_figure(
     return fig
 
 
+def fitting_figure(
+    steps: Sequence[int],
+    curves: Mapping[str, Sequence[float]],
+    base: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Losses measured at a run's checkpoints (x: step), one line per data set (say, the examples trained on
+    and held-out ones), and the base model's held-out loss dashed: over-fitting is where the lines part."""
+    fig = CourseFigure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for (label, values), colour in zip(curves.items(), _colours(len(curves)), strict=True):
+        ax.plot(list(steps), _numpy(values), marker="o", color=colour, label=label)
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="base model, held out")
+    ax.set(xlabel="training step (checkpoint)", ylabel="denoising loss", title=title or "fitting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def variants_figure(rows: Sequence[Mapping], title: str | None = None) -> Figure:
     """Held-out loss against trainable parameters (left) and against time per step (right), one labelled
     point per LoRA variant of a sweep (`run_sweep(..., variants=...)`'s rows); the base model dashed."""
