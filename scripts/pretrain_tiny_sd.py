@@ -115,6 +115,23 @@ def train_vae(pipe, work: Path, args) -> None:
     vae.eval().requires_grad_(False)
 
 
+POSTERIOR_LOGVAR = -12.0  # std e^-6: a sampled latent is its mean to 0.25 % of the latents' spread
+
+
+@torch.no_grad()
+def make_posterior_deterministic(vae) -> None:
+    """Give every latent the same tiny posterior variance; the means, so the latents, stay as they are.
+
+    The encoder learned large variances (std up to 1) where the decoder ignores a latent, as a VAE's KL term
+    allows. The UNet learns from the means, but fine-tuning (diffusers' scripts, lora_nb's trainer)
+    samples the posterior, and those samples are noise the UNet never saw: a LoRA then fits that noise
+    and draws worse. SD 1.5's VAE has variances this small everywhere.
+    """
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:].zero_()
+    vae.quant_conv.bias[channels:].fill_(POSTERIOR_LOGVAR)
+
+
 def detail_weights(images: torch.Tensor) -> torch.Tensor:
     """(batch, 1, h, w) loss weights, up to 9 where the image changes within 3x3 pixels: a pupil, a dot or
     a stripe is a few pixels, and a plain pixel loss spends the decoder on the flat paper instead."""
@@ -128,6 +145,7 @@ def train_decoder(pipe, work: Path, args) -> None:
     UNet's."""
     ckpt, vae = work / "decoder.pt", pipe.vae
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
+    make_posterior_deterministic(vae)
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     step = 0
@@ -298,6 +316,7 @@ def load_final_vae(pipe, work: Path) -> dict[str, int]:
     final = work / "decoder.pt" if (work / "decoder.pt").exists() else work / "vae.pt"
     state = load_checkpoint(final)
     pipe.vae.load_state_dict(state["vae"])
+    make_posterior_deterministic(pipe.vae)
     if final.name == "decoder.pt":
         steps["decoder"] = state["step"]
     return steps

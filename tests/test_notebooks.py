@@ -30,6 +30,7 @@ EXPECTED_FIGURES = {
     "06-pivotal-tuning": ["comparison"],
     "07-inference-in-practice": ["mixing"],
     "08-beyond-lora": ["variants", "samples", "magnitude-direction", "dora-scale-zero"],
+    "09-judgement": ["learning-rates", "overfit-loss", "fitting", "validation-grid", "burn"],
 }
 NOTEBOOKS = course_notebooks()
 CELL_TIMEOUT = 300  # seconds; the slowest cell takes about a minute here: more is a hang, failed and named

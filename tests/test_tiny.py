@@ -73,3 +73,18 @@ def test_draws_a_non_degenerate_image(pipe):
     array = np.asarray(image, dtype=np.float32)
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and array.std() > 10  # not a flat or blank picture
     assert 0.02 < foreground_mask(image).mean() < 0.9  # something stands out from the background
+
+
+def test_a_sampled_latent_is_its_mean(pipe):
+    """Fine-tuning samples the VAE's posterior; the UNet was pretrained on its means. A posterior as wide as
+    the encoder alone learns (std up to 1 where the decoder ignores a latent) makes a LoRA fit noise."""
+    from lora_nb.course.world import draw_creature_sample
+
+    pixels = torch.from_numpy(
+        np.stack([np.asarray(draw_creature_sample(seed).image, dtype=np.float32) for seed in range(8)])
+        / 127.5
+        - 1
+    ).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels).latent_dist
+    assert posterior.std.max() < 0.01 * posterior.mean.std()
