@@ -634,6 +634,8 @@ def notebook_parameters(notebook: Path) -> list[str]:
 # What a CPU cannot afford, and nothing else. Each applies where a notebook has the parameter.
 CPU_OVERRIDES = {
     "max_train_steps": 2,  # T4: 500 to 15000
+    "overfit_steps": 4,  # 09's over-fitting run, T4: 2000
+    "checkpointing_steps": 2,  # 09's checkpoints, T4: every 250 steps
     "ti_steps": 10,  # T4: 500; at 2, 06's check that the new word moved fails
     "resolution": 64,  # T4: 512; 64 px is 8x8 latents, the smallest SD 1.5's UNet takes
     "num_inference_steps": 2,  # T4: 25 or 30
