@@ -145,7 +145,6 @@ def train_decoder(pipe, work: Path, args) -> None:
     UNet's."""
     ckpt, vae = work / "decoder.pt", pipe.vae
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
-    make_posterior_deterministic(vae)
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     step = 0
@@ -155,6 +154,7 @@ def train_decoder(pipe, work: Path, args) -> None:
         if "optimizer" in state:  # not when seeded from an export (--init-from)
             optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+    make_posterior_deterministic(vae)  # not trained here: the decoder learns from the means
     vae.requires_grad_(False).eval()
     for p in params:
         p.requires_grad_(True)
