@@ -2,8 +2,9 @@
 
 Reading order, following a batch from files to images: `layers` (a LoRA layer: B(A x)) -> `inject` (put
 layers on a model's targets) -> `data` (images and captions to batches) -> `objective` (the denoising loss)
--> `config` and `train` (the trainer: setup, the loop, finish) -> `formats` and `convert` (adapter files,
-their layouts) -> `inference` (an adapter on an unmodified base pipeline); beside them `dreambooth`,
+-> `config` and `train` (the trainer: setup, the loop, finish), with `checkpoints` (saving, resuming, the
+output folder's lock) and `card` (validation images, the model card) -> `formats` and `convert` (adapter
+files, their layouts) -> `inference` (an adapter on an unmodified base pipeline); beside them `dreambooth`,
 `textual_inversion`, `mix`, `extract`, `sizes`. The course (the embedded tiny model, data sets, figures,
 the notebook runner) is `lora_nb.course`; the library never imports it.
 

@@ -22,6 +22,7 @@ from conftest import make_unet
 from test_formats import assert_untouched, snapshot, trained_pair
 from test_train import CREATURES, REPO, small
 
+from lora_nb.checkpoints import LOCK_NAME
 from lora_nb.config import TrainConfig, build_parser, config_from_args
 from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import DataError, check_imagefolder
@@ -36,7 +37,7 @@ from lora_nb.formats import (
     save_lora_weights,
 )
 from lora_nb.inject import UNET_ATTENTION, inject_lora, lora_layers, set_lora_scale
-from lora_nb.train import LOCK_NAME, TrainingDiverged, train
+from lora_nb.train import TrainingDiverged, train
 
 train_module = importlib.import_module("lora_nb.train")  # the module; lora_nb.train is the function
 
@@ -381,7 +382,7 @@ def test_a_missing_base_model_is_named_by_its_flag(tmp_path, model, message):
 
 
 def test_resume_latest_without_a_checkpoint_says_it_starts_fresh(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_nb.train"):
+    with caplog.at_level(logging.WARNING, logger="lora_nb.checkpoints"):
         result = train(small(tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
     assert (
         "--resume_from_checkpoint latest: no checkpoint in" in caplog.text

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoints import checkpoint_dirs
 from ..config import TrainConfig, check_value
 from ..formats import load_lora_weights, read_lora
 from ..inference import sample_images
 from ..inject import remove_lora
-from ..train import checkpoint_dirs, precision_dtype, training_precision
+from ..train import precision_dtype, training_precision
 from .evaluate import HeldOut, pixel_drift, subject_distance
 
 MEASURES = {  # name: what its value means, as the table's header says it
