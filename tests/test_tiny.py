@@ -47,7 +47,8 @@ def test_loads_offline_with_diffusers_itself():
     pipe = StableDiffusionPipeline.from_pretrained(TINY_SD_PATH)
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    assert pipe.vae_scale_factor == 2
+    assert pipe.vae_scale_factor == 4  # 64 px images, 16x16 latents
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == IMAGE_SIZE
 
 
 def test_sd15_module_names_are_kept(pipe):

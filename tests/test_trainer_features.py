@@ -215,7 +215,7 @@ def non_square(tmp_path) -> Path:
 def test_buckets_have_the_area_and_divisibility_they_need():
     from lora_nb.data import bucket_sizes, nearest_bucket
 
-    assert train_module.bucket_multiple(str(TINY_SD_PATH)) == 8  # VAE x2, UNet x4
+    assert train_module.bucket_multiple(str(TINY_SD_PATH)) == 16  # VAE x4, UNet x4
     assert bucket_sizes(32, 8) == [(24, 40), (32, 32), (40, 24)]
     sd15 = bucket_sizes(512, 64)
     assert (512, 512) in sd15 and all(w % 64 == h % 64 == 0 and w * h <= 512**2 for w, h in sd15)
@@ -356,3 +356,20 @@ def test_two_processes_train_on_whole_bucket_batches_in_step(tmp_path, non_squar
     ranks = [safetensors.torch.load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     assert any(ranks[0][k].abs().sum() > 0 for k in ranks[0] if "lora_B" in k)
+
+
+def test_the_shipped_non_square_set_trains_in_its_own_buckets(tmp_path, monkeypatch):
+    """data/nonsquare (3:2 and 2:3 sheets) goes to the 80x48 and 48x80 buckets, never cropped square."""
+    shapes = []
+    real_loss = train_module.denoising_loss
+
+    def spy(unet, scheduler, latents, *args, **kwargs):
+        shapes.append(tuple(latents.shape[2:]))
+        return real_loss(unet, scheduler, latents, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "denoising_loss", spy)
+    folder = TINY_SD_PATH.parent / "nonsquare"
+    settings = {"train_data_dir": str(folder), "max_train_samples": None, "aspect_ratio_buckets": True}
+    result = train(small(tmp_path, max_train_steps=12, **settings))
+    assert set(shapes) == {(12, 20), (20, 12)}  # latents of 80x48 and 48x80 images: VAE x4
+    assert all(map(math.isfinite, result.losses))
