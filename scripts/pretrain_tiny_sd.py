@@ -284,12 +284,13 @@ CARD = """\
 # tiny-sd: the lora_nb course's embedded Stable Diffusion
 
 A {params:.1f} M-parameter model with Stable Diffusion 1.5's architecture and module names, made so the
-course runs offline on a CPU in seconds. It draws at {size}x{size} px the parts of a small visual world,
-from plain descriptive prompts: bodies (circle, square, triangle, star) in six colours (red, green, blue,
-yellow, purple, orange) and three sizes, thin or thick outlines of a named colour, a dot, two dots or
-stripes inside, pointy or round ears, antennae or horns, one or two objects on the left / right / top /
+course runs offline on a CPU in seconds. It was trained on {size}x{size} px pictures of the parts of a
+small visual world, captioned in plain descriptive words: bodies (circle, square, triangle, star) in six
+colours (red, green, blue, yellow, purple, orange) and three sizes, thin or thick outlines of a named
+colour, a dot, two dots or stripes inside, pointy or round ears, antennae or horns, one or two objects on the left / right / top /
 bottom, on white, black, gray or pastel (pink, cream, mint, sky) paper — for instance "a large red circle
-with a thick black outline and two yellow dots on the left on a pink background".
+with a thick black outline and two yellow dots on the left on a pink background". Which of these it
+follows when prompted, and how well, is measured below ("Measured").
 
 | part | class | parameters |
 | --- | --- | --- |

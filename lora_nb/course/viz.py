@@ -331,7 +331,7 @@ def fitting_figure(
     for (label, values), colour in zip(curves.items(), _colours(len(curves)), strict=True):
         ax.plot(list(steps), _numpy(values), marker="o", color=colour, label=label)
     if base is not None:
-        ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="base model, held out")
+        ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="the base model")
     ax.set(xlabel="training step (checkpoint)", ylabel="denoising loss", title=title or "fitting")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
