@@ -287,10 +287,10 @@ A {params:.1f} M-parameter model with Stable Diffusion 1.5's architecture and mo
 course runs offline on a CPU in seconds. It was trained on {size}x{size} px pictures of the parts of a
 small visual world, captioned in plain descriptive words: bodies (circle, square, triangle, star) in six
 colours (red, green, blue, yellow, purple, orange) and three sizes, thin or thick outlines of a named
-colour, a dot, two dots or stripes inside, pointy or round ears, antennae or horns, one or two objects on the left / right / top /
-bottom, on white, black, gray or pastel (pink, cream, mint, sky) paper — for instance "a large red circle
-with a thick black outline and two yellow dots on the left on a pink background". Which of these it
-follows when prompted, and how well, is measured below ("Measured").
+colour, a dot, two dots or stripes inside, pointy or round ears, antennae or horns, one or two objects on
+the left / right / top / bottom, on white, black, gray or pastel (pink, cream, mint, sky) paper — for
+instance "a large red circle with a thick black outline and two yellow dots on the left on a pink
+background". Which of these it follows when prompted, and how well, is measured below ("Measured").
 
 | part | class | parameters |
 | --- | --- | --- |
