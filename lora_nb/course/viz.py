@@ -350,10 +350,14 @@ def variants_figure(rows: Sequence[Mapping], title: str | None = None) -> Figure
         (("params", "trainable parameters", 1), ("step_seconds", "time per training step (ms)", 1e3)),
         strict=True,
     ):
-        for r, colour in zip(runs, _colours(len(runs)), strict=True):
+        for i, (r, colour) in enumerate(zip(runs, _colours(len(runs)), strict=True)):
             ax.plot([r[key] * scale], [r["heldout_loss"]], marker="o", color=colour, linestyle="none")
-            ax.annotate(
-                r["variant"], (r[key] * scale, r["heldout_loss"]), textcoords="offset points", xytext=(5, 3)
+            ax.annotate(  # staggered: variants that cost and reach the same would print over each other
+                r["variant"],
+                (r[key] * scale, r["heldout_loss"]),
+                textcoords="offset points",
+                xytext=(5, 3 - 9 * (i % 3)),
+                color=colour,
             )
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="base model (no adapter)")
