@@ -66,6 +66,28 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, weights_only=True)  # tensors and plain values only: no code from a file
 
 
+def resume_vae_stage(ckpt: Path, vae, optimizer) -> int:
+    """Load a VAE stage's checkpoint (the optimiser too, unless it was seeded from an export by --init-from)
+    and return its step; 0 when there is none."""
+    if not ckpt.exists():
+        return 0
+    state = load_checkpoint(ckpt)
+    vae.load_state_dict(state["vae"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def save_vae_stage(ckpt: Path, vae, optimizer, step: int) -> None:
+    save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt)
+
+
+def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
+    """Cosine from ``peak`` down to a tenth of it: the last steps sharpen the edges."""
+    for group in optimizer.param_groups:
+        group["lr"] = peak * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -76,14 +98,8 @@ def train_vae(pipe, work: Path, args) -> None:
     ckpt = work / "vae.pt"
     vae = pipe.vae
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step = 0
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["vae"])
-        if "optimizer" in state:  # not when seeded from an export (--init-from)
-            optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    else:
+    step = resume_vae_stage(ckpt, vae, optimizer)
+    if step == 0:
         # Start from a near-deterministic posterior (std e^-4): at logvar 0 the sampled latents are so noisy
         # that the decoder learns to paint every body the data set's mean brown. The KL term's weight is
         # tiny, as in SD's VAE, so the encoder keeps the latitude it needs.
@@ -92,8 +108,7 @@ def train_vae(pipe, work: Path, args) -> None:
     vae.train()
     start = time.time()
     while step < args.vae_steps:
-        for group in optimizer.param_groups:  # cosine to a tenth: the last steps sharpen the edges
-            group["lr"] = args.vae_lr * (0.55 + 0.45 * math.cos(math.pi * step / args.vae_steps))
+        set_cosine_lr(optimizer, args.vae_lr, step, args.vae_steps)
         images = vae_batch(step, args.vae_batch_size)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -109,9 +124,7 @@ def train_vae(pipe, work: Path, args) -> None:
             )
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            save_atomically(
-                {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt
-            )
+            save_vae_stage(ckpt, vae, optimizer, step)
     vae.eval().requires_grad_(False)
 
 
@@ -147,21 +160,14 @@ def train_decoder(pipe, work: Path, args) -> None:
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    step = 0
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["vae"])
-        if "optimizer" in state:  # not when seeded from an export (--init-from)
-            optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = resume_vae_stage(ckpt, vae, optimizer)
     make_posterior_deterministic(vae)  # not trained here: the decoder learns from the means
     vae.requires_grad_(False).eval()
     for p in params:
         p.requires_grad_(True)
     start = time.time()
     while step < args.decoder_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = args.decoder_lr * (0.55 + 0.45 * math.cos(math.pi * step / args.decoder_steps))
+        set_cosine_lr(optimizer, args.decoder_lr, step, args.decoder_steps)
         images = vae_batch(args.vae_steps + step, args.vae_batch_size)  # draws the VAE stage never saw
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
@@ -177,9 +183,7 @@ def train_decoder(pipe, work: Path, args) -> None:
             print(f"decoder step {step} mse {mse:.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.decoder_steps:
-            save_atomically(
-                {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt
-            )
+            save_vae_stage(ckpt, vae, optimizer, step)
     vae.requires_grad_(False)
 
 
