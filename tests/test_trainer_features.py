@@ -223,7 +223,9 @@ def test_buckets_have_the_area_and_divisibility_they_need():
     assert [nearest_bucket(w, h, bucket_sizes(32, 8)) for w, h in SHAPES] == [(40, 24), (24, 40), (32, 32)]
 
 
-def test_bucketed_training_batches_one_bucket_at_a_time_and_repeats(tmp_path, monkeypatch, non_square):
+@pytest.fixture
+def latent_shapes(monkeypatch) -> list[tuple[int, ...]]:
+    """The shape of every batch of latents the trainer's loss sees, in order."""
     shapes = []
     real_loss = train_module.denoising_loss
 
@@ -232,6 +234,11 @@ def test_bucketed_training_batches_one_bucket_at_a_time_and_repeats(tmp_path, mo
         return real_loss(unet, scheduler, latents, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "denoising_loss", spy)
+    return shapes
+
+
+def test_bucketed_training_batches_one_bucket_at_a_time_and_repeats(tmp_path, latent_shapes, non_square):
+    shapes = latent_shapes
     settings = {"train_data_dir": str(non_square), "max_train_samples": None, "max_train_steps": 6}
     settings["aspect_ratio_buckets"] = True
     first = train(small(tmp_path / "a", **settings))  # 6 batches of 2: one epoch, each bucket twice
@@ -358,18 +365,10 @@ def test_two_processes_train_on_whole_bucket_batches_in_step(tmp_path, non_squar
     assert any(ranks[0][k].abs().sum() > 0 for k in ranks[0] if "lora_B" in k)
 
 
-def test_the_shipped_non_square_set_trains_in_its_own_buckets(tmp_path, monkeypatch):
+def test_the_shipped_non_square_set_trains_in_its_own_buckets(tmp_path, latent_shapes):
     """data/nonsquare (3:2 and 2:3 sheets) goes to the 80x48 and 48x80 buckets, never cropped square."""
-    shapes = []
-    real_loss = train_module.denoising_loss
-
-    def spy(unet, scheduler, latents, *args, **kwargs):
-        shapes.append(tuple(latents.shape[2:]))
-        return real_loss(unet, scheduler, latents, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "denoising_loss", spy)
     folder = TINY_SD_PATH.parent / "nonsquare"
     settings = {"train_data_dir": str(folder), "max_train_samples": None, "aspect_ratio_buckets": True}
     result = train(small(tmp_path, max_train_steps=12, **settings))
-    assert set(shapes) == {(12, 20), (20, 12)}  # latents of 80x48 and 48x80 images: VAE x4
+    assert {shape[2:] for shape in latent_shapes} == {(12, 20), (20, 12)}  # 80x48 and 48x80 images: VAE x4
     assert all(map(math.isfinite, result.losses))
