@@ -202,6 +202,37 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
     return latents, attributes, float(1.0 / latents.std())
 
 
+# What the UNet stage trained with before checkpoints recorded it (the first 10 750 steps of the shipped
+# model); a checkpoint's "objectives" lists each change since, from the step it took effect.
+FIRST_OBJECTIVE = {"from_step": 0, "prediction_type": "epsilon", "snr_gamma": 5.0, "multires_discount": 0.0}
+
+
+def describe_objectives(history: list[dict], steps: int) -> str:
+    """'steps 0-10750: epsilon prediction, Min-SNR 5, Gaussian noise; ...' for the model card."""
+    ends = [h["from_step"] for h in history[1:]] + [steps]
+    return "; ".join(
+        f"steps {h['from_step']}-{end}: {h['prediction_type'].replace('_', '-')} target, "
+        + (f"Min-SNR {h['snr_gamma']:g}" if h["snr_gamma"] else "unweighted loss")
+        + ", "
+        + (f"multires noise {h['multires_discount']:g}" if h["multires_discount"] else "Gaussian noise")
+        for h, end in zip(history, ends)
+    )
+
+
+def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, int, list[dict]]:
+    """Load the UNet stage's checkpoint, if there is one, into `modules` and `generator`; return its step, the
+    step its EMA started from and its objectives."""
+    if not ckpt.exists():
+        return 0, 0, [FIRST_OBJECTIVE]
+    state = load_checkpoint(ckpt)
+    for key, module in modules.items():
+        if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
+            module.load_state_dict(state[key])
+    if "generator" in state:
+        generator.set_state(state["generator"])
+    return state["step"], state.get("ema_start", 0), state.get("objectives", [FIRST_OBJECTIVE])
+
+
 def train_denoiser(pipe, work: Path, args) -> None:
     pool_path, attributes_path, ckpt = work / "pool.pt", work / "pool-attributes.json", work / "denoiser.pt"
     if not pool_path.exists():
@@ -221,21 +252,21 @@ def train_denoiser(pipe, work: Path, args) -> None:
         copy.deepcopy(text_encoder).requires_grad_(False),
     )
     generator = torch.Generator().manual_seed(0)
-    step = 0
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        for module, key in (
-            (unet, "unet"),
-            (text_encoder, "text_encoder"),
-            (ema_unet, "ema_unet"),
-            (ema_text, "ema_text"),
-            (optimizer, "optimizer"),
-        ):
-            if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
-                module.load_state_dict(state[key])
-        if "generator" in state:
-            generator.set_state(state["generator"])
-        step = state["step"]
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    step, ema_start, history = resume_denoiser(ckpt, {**modules, "optimizer": optimizer}, generator)
+    objective = {
+        "prediction_type": pipe.scheduler.config.prediction_type,
+        "snr_gamma": args.snr_gamma,
+        "multires_discount": args.multires_discount,
+    }
+    if {k: v for k, v in history[-1].items() if k != "from_step"} != objective:
+        print(f"step {step}: the objective is now {objective}", flush=True)
+        if step and history[-1]["prediction_type"] != objective["prediction_type"]:
+            # An average of weights trained for two targets predicts neither: the EMA starts again here.
+            ema_unet.load_state_dict(unet.state_dict())
+            ema_text.load_state_dict(text_encoder.state_dict())
+            ema_start = step
+        history = [*history, {"from_step": step, **objective}] if step else [{"from_step": 0, **objective}]
     unet.train()
     text_encoder.train()
     losses, start = [], time.time()
@@ -252,13 +283,14 @@ def train_denoiser(pipe, work: Path, args) -> None:
             latents[index],
             text_encoder(ids)[0],
             snr_gamma=args.snr_gamma,
+            multires_discount=args.multires_discount,
             generator=generator,
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        decay = min(args.ema_decay, (1 + step - ema_start) / (10 + step - ema_start))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
         losses.append(loss.item())
@@ -279,6 +311,8 @@ def train_denoiser(pipe, work: Path, args) -> None:
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
                     "step": step,
+                    "ema_start": ema_start,
+                    "objectives": history,
                 },
                 ckpt,
             )
@@ -306,11 +340,14 @@ background". Which of these it follows when prompted, and how well, is measured 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
 {vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for {decoder_steps}
 more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the
-UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr {lr}, Min-SNR gamma {snr},
-10% empty captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images;
-this export uses the EMA weights. It has never seen the creatures' composition or caption language ("a
-drawing of a blue creature with red eyes and round ears") nor the DreamBooth subject (an orange star with a
-purple dot): those are what the course's LoRAs teach.
+UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr {lr}, 10% empty captions for
+classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images ({objectives}); this export
+uses the EMA weights. The UNet predicts the velocity v, as SD 2.x's does (SD 1.5's predicts the noise): the
+first 10 750 steps predicted the noise, and that model drew every object where the starting noise put it,
+whatever position word the prompt had (`lora_nb/course/tiny.py` says why); multi-resolution noise hides the
+trace of the layout that SD's schedule leaves at its noisiest step. It has never seen the creatures'
+composition or caption language ("a drawing of a blue creature with red eyes and round ears") nor the
+DreamBooth subject (an orange star with a purple dot): those are what the course's LoRAs teach.
 """
 
 
@@ -352,13 +389,14 @@ def export(pipe, work: Path, out: Path, args) -> None:
             steps=state["step"],
             batch=args.batch_size,
             lr=args.lr,
-            snr=args.snr_gamma,
+            objectives=describe_objectives(state.get("objectives", [FIRST_OBJECTIVE]), state["step"]),
             ema=args.ema_decay,
             pool=args.pool_size,
         )
     )
     card.data.library_name = "diffusers"
     card.data.pretrain_steps = {**vae_steps, "unet": state["step"]}  # read back by --init-from
+    card.data.pretrain_objectives = state.get("objectives", [FIRST_OBJECTIVE])
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
     card.save(tmp / "README.md")
     swap_into(tmp, out)
@@ -394,7 +432,8 @@ def seed_from_export(export: Path, work: Path) -> None:
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-    steps = ModelCard.load(export / "README.md").data.get("pretrain_steps")
+    card = ModelCard.load(export / "README.md").data
+    steps = card.get("pretrain_steps")
     if not steps:
         raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
     vae = AutoencoderKL.from_pretrained(export / "vae").state_dict()
@@ -407,7 +446,14 @@ def seed_from_export(export: Path, work: Path) -> None:
     exported = StableDiffusionPipeline.from_pretrained(export)
     unet, text = exported.unet.state_dict(), exported.text_encoder.state_dict()
     save_atomically(
-        {"unet": unet, "text_encoder": text, "ema_unet": unet, "ema_text": text, "step": steps["unet"]},
+        {
+            "unet": unet,
+            "text_encoder": text,
+            "ema_unet": unet,
+            "ema_text": text,
+            "step": steps["unet"],
+            "objectives": card.get("pretrain_objectives", [FIRST_OBJECTIVE]),
+        },
         work / "denoiser.pt",
     )
     print(f"seeded {work} from {export}: VAE step {steps['vae']}, UNet step {steps['unet']}")
@@ -432,7 +478,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--snr-gamma", type=float, default=5.0)
+    parser.add_argument(
+        "--snr-gamma",
+        type=float,
+        help="Min-SNR gamma (off by default: it scales down the high-noise steps, where the layout is set)",
+    )
+    parser.add_argument(
+        "--multires-discount",
+        type=float,
+        default=0.8,
+        help="multi-resolution noise discount (0: plain Gaussian noise)",
+    )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--pool-size", type=int, default=40_000)
     parser.add_argument("--checkpoint-every", type=int, default=250)
