@@ -11,6 +11,7 @@ from lora_nb.course.evaluate import (
     follows,
     has_creature_colours,
     outline_share,
+    paper_of,
     position_of,
     prompt_suite,
     shape_of,
@@ -46,6 +47,11 @@ def test_shape_colour_and_position_are_read_back(single_objects):
     assert (
         share(position_of(colour_mask(im, o["colour"])) == o["position"] for im, o in single_objects) >= 0.98
     )
+
+
+def test_the_paper_is_read_back(single_objects):
+    samples = [draw_parts_sample(seed) for seed in SEEDS] + [draw_subject_sample(seed) for seed in SEEDS[:30]]
+    assert all(paper_of(s.image) == s.attributes["paper"] for s in samples)
 
 
 def test_dots_are_counted(single_objects):
@@ -102,7 +108,8 @@ def test_the_prompt_suite_is_passed_by_the_world_itself_and_failed_by_a_blank():
 
     cases = prompt_suite(per_case=4)
     skills = {c.skill for c in cases}
-    assert {"shape", "position", "two objects", "parts", "colour (small)", "colour (large)"} <= skills
+    expected = {"shape", "position (left)", "position (bottom)", "two objects", "parts", "colour (small)"}
+    assert expected <= skills
     drawn = [follows(c, render_parts(c.attributes, random.Random(i))) for i, c in enumerate(cases)]
     assert share(drawn) >= 0.95
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
@@ -140,6 +147,23 @@ def test_the_subject_is_told_from_a_plain_star_and_from_near_misses():
         assert not shows_subject(image(**near_miss)), near_miss
     assert shows_plain(image(mark=None)) and shows_plain(image(colour="blue")) and not shows_plain(image())
     assert not shows_plain(image(shape="square", mark=None))
+
+
+def test_the_subject_is_read_through_smudges_on_dark_paper():
+    """Generated pictures of the subject on black paper have dark-blue smudges beside the star; the star's
+    shape is read from its own colour, so they do not turn it into a square."""
+    from PIL import ImageDraw
+
+    subjects = map(draw_subject_sample, range(20_000, 20_006))
+    on_black = [s for s in subjects if s.attributes["paper"] == "black"]
+    assert on_black
+    for sample in on_black:
+        smudged = sample.image.copy()
+        draw = ImageDraw.Draw(smudged)
+        for x, y in ((12, 14), (50, 46), (14, 48)):
+            draw.ellipse([x - 5, y - 4, x + 5, y + 4], fill=(30, 30, 110))
+        assert shape_of(smudged) != "star"  # the whole foreground is no longer a star's outline
+        assert shows_subject(smudged)
 
 
 def test_magnitude_and_direction_read_a_scaling_and_a_rotation_apart():

@@ -44,6 +44,12 @@ def background_colour(image) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def paper_of(image) -> str:
+    """The named paper (PAPERS) nearest to the image's background colour."""
+    background = background_colour(image)
+    return min(PAPERS, key=lambda name: np.linalg.norm(background - np.array(PAPERS[name])))
+
+
 def foreground_mask(image) -> np.ndarray:
     rgb = _rgb(image)
     return np.linalg.norm(rgb - background_colour(rgb), axis=-1) > FOREGROUND_DISTANCE
@@ -117,9 +123,10 @@ def radial_profile(mask: np.ndarray, rays: int = 90) -> np.ndarray:
     return np.where(inside.any(1), steps[0, last], 0.0)
 
 
-def shape_of(image, min_pixels: int = 12) -> str | None:
-    """The shape of an image's single object: its foreground's silhouette read by SHAPE_HARMONICS."""
-    silhouette = fill_holes(foreground_mask(image))
+def shape_of(image, colour: str | None = None, min_pixels: int = 12) -> str | None:
+    """The shape of an image's single object: its silhouette (the foreground, or the pixels of `colour`, with
+    what they enclose) read by SHAPE_HARMONICS."""
+    silhouette = fill_holes(foreground_mask(image) if colour is None else colour_mask(image, colour))
     if silhouette.sum() < min_pixels:
         return None
     profile = radial_profile(silhouette)
@@ -207,7 +214,7 @@ def prompt_suite(per_case: int = 4, seed: int = 0) -> list[Case]:
             ]
         cases += [_case("shape", rng, [plain(shape=shape, size="large")]) for shape in SHAPES]
         cases += [
-            _case("position", rng, [plain(position, size="medium")])
+            _case(f"position ({position})", rng, [plain(position, size="medium")])
             for position in ("left", "right", "top", "bottom")
         ]
         a, b = rng.sample(list(COLOURS), 2)
@@ -248,7 +255,7 @@ def follows(case: Case, image) -> bool:
         return body_colour(image) == first["colour"]
     if case.skill == "shape":
         return shape_of(image) == first["shape"]
-    if case.skill in ("position", "two objects"):
+    if case.skill.startswith("position") or case.skill == "two objects":
         return all(
             position_of(colour_mask(image, o["colour"])) == o["position"]
             and colour_mask(image, o["colour"]).sum() >= 6
@@ -271,7 +278,7 @@ def has_creature_colours(image, body: str, eyes: str) -> bool:
 def shows_subject(image) -> bool:
     """Whether an image shows the DreamBooth subject: an orange star with one purple dot in it."""
     return (
-        shape_of(image) == SUBJECT_CLASS
+        shape_of(image, SUBJECT_BODY) == SUBJECT_CLASS  # the body's own outline: smudges on the paper aside
         and body_colour(image) == SUBJECT_BODY
         and dot_count(image, SUBJECT_DOT) == 1
     )
