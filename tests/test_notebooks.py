@@ -87,7 +87,8 @@ def test_parameters_can_be_injected(tmp_path):
     executed = run_notebook(
         notebook,
         tmp_path,
-        {"rank": 2, "max_train_steps": 10, "prompts": ["a drawing"], "num_inference_steps": 5},
+        {"rank": 2, "max_train_steps": 10, "prompts": ["a drawing"], "num_inference_steps": 5}
+        | {"expect_learning": False},  # ten steps learn too little for the notebook's own checks
         cell_timeout=CELL_TIMEOUT,
     )
     nb = nbformat.read(executed, as_version=4)
