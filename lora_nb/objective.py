@@ -65,7 +65,9 @@ def denoising_loss(
     return per_example.mean() if reduce else per_example
 
 
-def multires_noise(latents: torch.Tensor, discount: float, generator: torch.Generator | None = None):
+def multires_noise(
+    latents: torch.Tensor, discount: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Gaussian noise of `latents`' shape (batch, channels, h, w) plus noise drawn at h/2, h/4, ... 1 and
     upsampled, scale k weighted discount**k, rescaled to unit variance per example."""
     batch, channels, height, width = latents.shape

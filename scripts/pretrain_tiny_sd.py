@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import random
@@ -219,18 +220,39 @@ def describe_objectives(history: list[dict], steps: int) -> str:
     )
 
 
-def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, int, list[dict]]:
-    """Load the UNet stage's checkpoint, if there is one, into `modules` and `generator`; return its step, the
-    step its EMA started from and its objectives."""
+def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Load the UNet stage's checkpoint, if there is one, into `modules` and `generator`; return its step and
+    its objectives (none before the first step)."""
     if not ckpt.exists():
-        return 0, 0, [FIRST_OBJECTIVE]
+        return 0, []
     state = load_checkpoint(ckpt)
     for key, module in modules.items():
         if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
             module.load_state_dict(state[key])
     if "generator" in state:
         generator.set_state(state["generator"])
-    return state["step"], state.get("ema_start", 0), state.get("objectives", [FIRST_OBJECTIVE])
+    return state["step"], state.get("objectives", [FIRST_OBJECTIVE])
+
+
+def adopt_objective(history: list[dict], objective: dict, step: int, averages: list[tuple]) -> list[dict]:
+    """The objectives with `objective` from `step` on, where it is new. When the target changes, each EMA
+    copy in `averages` ((ema, model) pairs) starts again from its model: an average of weights trained for
+    two targets predicts neither."""
+    if history and {k: v for k, v in history[-1].items() if k != "from_step"} == objective:
+        return history
+    print(f"step {step}: the objective is now {objective}", flush=True)
+    if history and history[-1]["prediction_type"] != objective["prediction_type"]:
+        for ema, model in averages:
+            ema.load_state_dict(model.state_dict())
+    return [*history, {"from_step": step, **objective}]
+
+
+def ema_start(history: list[dict]) -> int:
+    """The step the EMA last started from: where the prediction target last changed."""
+    changes = [
+        b["from_step"] for a, b in itertools.pairwise(history) if a["prediction_type"] != b["prediction_type"]
+    ]
+    return changes[-1] if changes else 0
 
 
 def train_denoiser(pipe, work: Path, args) -> None:
@@ -253,20 +275,14 @@ def train_denoiser(pipe, work: Path, args) -> None:
     )
     generator = torch.Generator().manual_seed(0)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
-    step, ema_start, history = resume_denoiser(ckpt, {**modules, "optimizer": optimizer}, generator)
+    step, history = resume_denoiser(ckpt, {**modules, "optimizer": optimizer}, generator)
     objective = {
         "prediction_type": pipe.scheduler.config.prediction_type,
         "snr_gamma": args.snr_gamma,
         "multires_discount": args.multires_discount,
     }
-    if {k: v for k, v in history[-1].items() if k != "from_step"} != objective:
-        print(f"step {step}: the objective is now {objective}", flush=True)
-        if step and history[-1]["prediction_type"] != objective["prediction_type"]:
-            # An average of weights trained for two targets predicts neither: the EMA starts again here.
-            ema_unet.load_state_dict(unet.state_dict())
-            ema_text.load_state_dict(text_encoder.state_dict())
-            ema_start = step
-        history = [*history, {"from_step": step, **objective}] if step else [{"from_step": 0, **objective}]
+    history = adopt_objective(history, objective, step, [(ema_unet, unet), (ema_text, text_encoder)])
+    averaged_from = ema_start(history)
     unet.train()
     text_encoder.train()
     losses, start = [], time.time()
@@ -290,7 +306,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(args.ema_decay, (1 + step - ema_start) / (10 + step - ema_start))
+        decay = min(args.ema_decay, (1 + step - averaged_from) / (10 + step - averaged_from))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
         losses.append(loss.item())
@@ -311,7 +327,6 @@ def train_denoiser(pipe, work: Path, args) -> None:
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),
                     "step": step,
-                    "ema_start": ema_start,
                     "objectives": history,
                 },
                 ckpt,
