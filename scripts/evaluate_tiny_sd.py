@@ -102,7 +102,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=TINY_SD_PATH)
-    parser.add_argument("--per-case", type=int, default=6, help="prompts per case of the suite")
+    parser.add_argument("--per-case", type=int, default=12, help="prompts per case of the suite")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--grid", type=Path, default=Path("outputs/tiny-sd-samples.png"))
     parser.add_argument("--card", action="store_true", help="write the tables into the model card")

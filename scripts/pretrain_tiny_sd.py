@@ -89,6 +89,17 @@ def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
         group["lr"] = peak * (0.55 + 0.45 * math.cos(math.pi * step / steps))
 
 
+def set_denoiser_lr(optimizer, args, step: int) -> None:
+    """Warm up to ``--lr``, hold it, and from ``--cooldown-from`` (if given) follow a cosine down to a tenth
+    of it at ``--steps``: a constant rate keeps the weights moving, so the last steps settle them."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.cooldown_from is not None and step >= args.cooldown_from:
+        progress = (step - args.cooldown_from) / max(1, args.steps - args.cooldown_from)
+        lr = args.lr * (0.55 + 0.45 * math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -220,6 +231,10 @@ def describe_objectives(history: list[dict], steps: int) -> str:
     )
 
 
+def describe_cooldown(cooldown_from: int | None) -> str:
+    return f", from step {cooldown_from} a cosine down to a tenth of it" if cooldown_from is not None else ""
+
+
 def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, list[dict]]:
     """Load the UNet stage's checkpoint, if there is one, into `modules` and `generator`; return its step and
     its objectives (none before the first step)."""
@@ -291,8 +306,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
         index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
         captions = ["" if rng.random() < 0.1 else parts_caption(attributes[i], rng) for i in index]
         ids = tokenize(tokenizer, captions)
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        set_denoiser_lr(optimizer, args, step)
         loss = denoising_loss(
             unet,
             pipe.scheduler,
@@ -328,6 +342,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
                     "generator": generator.get_state(),
                     "step": step,
                     "objectives": history,
+                    "cooldown_from": args.cooldown_from,
                 },
                 ckpt,
             )
@@ -353,16 +368,17 @@ background". Which of these it follows when prompted, and how well, is measured 
 | tokenizer | `CLIPTokenizer`, byte-level BPE with one token per caption word, {vocab} tokens | |
 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
-{vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for {decoder_steps}
-more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the same), then the
-UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr {lr}, 10% empty captions for
-classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images ({objectives}); this export
-uses the EMA weights. The UNet predicts the velocity v, as SD 2.x's does (SD 1.5's predicts the noise): the
-first 10 750 steps predicted the noise, and that model drew every object where the starting noise put it,
-whatever position word the prompt had (`lora_nb/course/tiny.py` says why); multi-resolution noise hides the
-trace of the layout that SD's schedule leaves at its noisiest step. It has never seen the creatures'
-composition or caption language ("a drawing of a blue creature with red eyes and round ears") nor the
-DreamBooth subject (an orange star with a purple dot): those are what the course's LoRAs teach.
+{vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for
+{decoder_steps} more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the
+same), then the UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr
+{lr}{cooldown}, 10% empty captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned
+parts images ({objectives}); this export uses the EMA weights. The UNet predicts the velocity v, as SD
+2.x's does (SD 1.5's predicts the noise): the first 10 750 steps predicted the noise, and that model drew
+every object where the starting noise put it, whatever position word the prompt had
+(`lora_nb/course/tiny.py` says why); multi-resolution noise hides the trace of the layout that SD's
+schedule leaves at its noisiest step. It has never seen the creatures' composition or caption language
+("a drawing of a blue creature with red eyes and round ears") nor the DreamBooth subject (an orange star
+with a purple dot): those are what the course's LoRAs teach.
 """
 
 
@@ -404,9 +420,10 @@ def export(pipe, work: Path, out: Path, args) -> None:
             steps=state["step"],
             batch=args.batch_size,
             lr=args.lr,
+            cooldown=describe_cooldown(state.get("cooldown_from")),
             objectives=describe_objectives(state.get("objectives", [FIRST_OBJECTIVE]), state["step"]),
             ema=args.ema_decay,
-            pool=args.pool_size,
+            pool=len(load_checkpoint(work / "pool.pt")["latents"]),
         )
     )
     card.data.library_name = "diffusers"
@@ -493,6 +510,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--cooldown-from",
+        type=int,
+        help="UNet step from which the learning rate follows a cosine down to a tenth of --lr at --steps",
+    )
     parser.add_argument(
         "--snr-gamma",
         type=float,

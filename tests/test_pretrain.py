@@ -1,8 +1,11 @@
 """The pretraining script, run tiny: every stage, checkpoints, the export, and continuing from the export."""
 
+import importlib.util
+import itertools
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -46,3 +49,27 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
         tmp_path / "export",
     )
     assert steps_of(tmp_path / "more") == {"vae": 2, "decoder": 2, "unet": 3}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_sd", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_unet_learning_rate_holds_then_cools_down_to_a_tenth():
+    script = load_script()
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
+    def lr_at(step, cooldown_from):
+        args = SimpleNamespace(lr=1e-3, warmup=10, steps=100, cooldown_from=cooldown_from)
+        script.set_denoiser_lr(optimizer, args, step)
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_at(0, None) == 1e-4  # warm-up
+    assert [lr_at(s, None) for s in (10, 60, 99)] == [1e-3] * 3  # no cool-down: held
+    assert lr_at(59, 60) == lr_at(60, 60) == 1e-3
+    cooling = [lr_at(s, 60) for s in range(60, 101)]
+    assert all(a > b for a, b in itertools.pairwise(cooling))
+    assert abs(cooling[-1] - 1e-4) < 1e-12

@@ -197,7 +197,8 @@ def _case(skill: str, rng: random.Random, objects: list[dict], paper: str | None
 
 
 def prompt_suite(per_case: int = 4, seed: int = 0) -> list[Case]:
-    """Prompts for every colour at every size, every shape, every side, two objects, and parts on request."""
+    """Prompts for every colour at every size, every shape, every side, two objects, and parts on request:
+    an outline, two dots, and both ("parts")."""
 
     rng = random.Random(seed)
 
@@ -227,23 +228,11 @@ def prompt_suite(per_case: int = 4, seed: int = 0) -> list[Case]:
             )
         )
         body, dots = rng.sample(list(COLOURS), 2)
-        cases.append(
-            _case(
-                "parts",
-                rng,
-                [
-                    plain(
-                        shape=rng.choice(("circle", "square")),
-                        colour=body,
-                        size="large",
-                        outline="thick",
-                        outline_colour="black",
-                        mark="two dots",
-                        mark_colour=dots,
-                    )
-                ],
-            )
-        )
+        shape = rng.choice(("circle", "square"))
+        outline = {"outline": "thick", "outline_colour": "black"}
+        two_dots = {"mark": "two dots", "mark_colour": dots}
+        for skill, parts in (("outline", outline), ("two dots", two_dots), ("parts", outline | two_dots)):
+            cases.append(_case(skill, rng, [plain(shape=shape, colour=body, size="large", **parts)]))
     return cases
 
 
@@ -261,11 +250,11 @@ def follows(case: Case, image) -> bool:
             and colour_mask(image, o["colour"]).sum() >= 6
             for o in objects
         )
-    if case.skill == "parts":
+    if case.skill in ("outline", "two dots", "parts"):
         return (
             body_colour(image) == first["colour"]
-            and outline_share(image, first["colour"]) > 0.5
-            and dot_count(image, first["mark_colour"]) == 2
+            and (first["outline"] is None or outline_share(image, first["colour"]) > 0.5)
+            and (first["mark"] is None or dot_count(image, first["mark_colour"]) == 2)
         )
     raise ValueError(f"unknown skill {case.skill!r}")
 
