@@ -123,7 +123,7 @@ def run_sweep(
     max_train_samples: int | None = None,
     heldout_repeats: int = 2,
     eval_batch_size: int = 32,
-    prompt: str = "a drawing of a green creature with red eyes",
+    prompt: str = "a drawing of a green creature with red eyes and pointy ears",
     num_inference_steps: int = 25,
     seed: int = 0,
     output_dir: str | Path = "sweep",
