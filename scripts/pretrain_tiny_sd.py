@@ -401,6 +401,9 @@ def export(pipe, work: Path, out: Path, args) -> None:
     pipe.text_encoder.load_state_dict(state["ema_text"])
     vae_steps = load_final_vae(pipe, work)
     tmp = out.with_name(out.name + ".tmp")
+    # Tokenising in training left its padding and truncation on the tokenizer, which would be saved with it.
+    pipe.tokenizer.backend_tokenizer.no_padding()
+    pipe.tokenizer.backend_tokenizer.no_truncation()
     pipe.save_pretrained(tmp)
     count = lambda m: sum(p.numel() for p in m.parameters())
     card = ModelCard(

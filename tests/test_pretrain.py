@@ -2,6 +2,7 @@
 
 import importlib.util
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,8 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
         "pool.pt",
     }
     assert steps_of(tmp_path / "export") == {"vae": 2, "decoder": 2, "unet": 2}
+    saved = json.loads((tmp_path / "export" / "tokenizer" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None  # as the shipped tokenizer has them
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export")
     logvar = pipe.vae.quant_conv.bias[pipe.vae.config.latent_channels :]
     assert torch.equal(logvar, torch.full_like(logvar, -12.0))  # the posterior as it ships: deterministic
