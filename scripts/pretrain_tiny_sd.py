@@ -92,12 +92,12 @@ def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
 def set_denoiser_lr(optimizer, args, step: int) -> None:
     """Warm up to ``--lr``, hold it, and from ``--cooldown-from`` (if given) follow a cosine down to a tenth
     of it at ``--steps``: a constant rate keeps the weights moving, so the last steps settle them."""
-    lr = args.lr * min(1.0, (step + 1) / args.warmup)
     if args.cooldown_from is not None and step >= args.cooldown_from:
-        progress = (step - args.cooldown_from) / max(1, args.steps - args.cooldown_from)
-        lr = args.lr * (0.55 + 0.45 * math.cos(math.pi * progress))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+        cooldown = max(1, args.steps - args.cooldown_from)
+        set_cosine_lr(optimizer, args.lr, step - args.cooldown_from, cooldown)
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -400,6 +400,8 @@ def export(pipe, work: Path, out: Path, args) -> None:
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
     vae_steps = load_final_vae(pipe, work)
+    pool = load_checkpoint(work / "pool.pt")
+    pipe.vae.register_to_config(scaling_factor=pool["scaling"])
     tmp = out.with_name(out.name + ".tmp")
     # Tokenising in training left its padding and truncation on the tokenizer, which would be saved with it.
     pipe.tokenizer.backend_tokenizer.no_padding()
@@ -426,7 +428,7 @@ def export(pipe, work: Path, out: Path, args) -> None:
             cooldown=describe_cooldown(state.get("cooldown_from")),
             objectives=describe_objectives(state.get("objectives", [FIRST_OBJECTIVE]), state["step"]),
             ema=args.ema_decay,
-            pool=len(load_checkpoint(work / "pool.pt")["latents"]),
+            pool=len(pool["latents"]),
         )
     )
     card.data.library_name = "diffusers"
@@ -555,7 +557,6 @@ def main() -> None:
         train_decoder(pipe, args.work, args)
     if not (args.work / "denoiser.pt").exists():
         return export_vae(pipe, args.work, args.out)
-    pipe.vae.register_to_config(scaling_factor=load_checkpoint(args.work / "pool.pt")["scaling"])
     export(pipe, args.work, args.out, args)
 
 
