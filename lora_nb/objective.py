@@ -29,14 +29,9 @@ def denoising_loss(
     noise_offset: float = 0.0,
     multires_discount: float = 0.0,
     generator: torch.Generator | None = None,
-    weights: torch.Tensor | None = None,  # (batch, 1, h, w): each latent pixel's weight in its example's loss
     reduce: bool = True,
 ) -> torch.Tensor:
-    """The loss of one batch: a scalar, or one value per example with `reduce=False`.
-
-    With `weights` (a masked or detail-weighted loss), each example's error is a weighted mean over its
-    pixels, so the weights shift attention within an image without changing the loss's scale.
-    """
+    """The loss of one batch: a scalar, or one value per example with `reduce=False`."""
     batch = latents.shape[0]
     if multires_discount:
         noise = multires_noise(latents, multires_discount, generator)
@@ -61,12 +56,7 @@ def denoising_loss(
         raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
 
     prediction = unet(noisy_latents, timesteps, text_embeddings).sample
-    squared_error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=1, keepdim=True)
-    if weights is None:
-        per_example = squared_error.mean(dim=(1, 2, 3))
-    else:
-        weights = weights.float().expand_as(squared_error)
-        per_example = (weights * squared_error).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         snr = compute_snr(scheduler, timesteps)
         weight = torch.clamp(snr, max=snr_gamma)

@@ -157,23 +157,11 @@ def make_posterior_deterministic(vae) -> None:
     vae.quant_conv.bias[channels:].fill_(POSTERIOR_LOGVAR)
 
 
-def detail_weights(images: torch.Tensor, strength: float = 4.0) -> torch.Tensor:
-    """(batch, 1, h, w) loss weights, up to 1 + 2 * strength where the image changes within 3x3 pixels: a
-    pupil, a dot or a stripe is a few pixels, and a plain pixel loss spends the model on the flat paper."""
+def detail_weights(images: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, h, w) loss weights, up to 9 where the image changes within 3x3 pixels: a pupil, a dot or
+    a stripe is a few pixels, and a plain pixel loss spends the decoder on the flat paper instead."""
     local_range = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)  # max - min, up to 2
-    return 1 + strength * local_range.amax(1, keepdim=True)
-
-
-def pool_detail_weights(size: int, strength: float, factor: int, batch_size: int = 1000) -> torch.Tensor:
-    """(size, 1, h / factor, w / factor) weights for the UNet's loss on the pool's latents: each latent pixel
-    takes the largest of its image patch's detail weights. The pool's images are drawn again from their
-    seeds (seconds), so pool.pt need not store them."""
-    weights = []
-    for first in range(0, size, batch_size):
-        seeds = range(PRETRAINING_FIRST_SEED + first, PRETRAINING_FIRST_SEED + min(size, first + batch_size))
-        images = to_tensor([draw_parts_sample(seed).image for seed in seeds])
-        weights.append(F.max_pool2d(detail_weights(images, strength), factor))
-    return torch.cat(weights)
+    return 1 + 4 * local_range.amax(1, keepdim=True)
 
 
 def train_decoder(pipe, work: Path, args) -> None:
@@ -229,7 +217,6 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
 # What the UNet stage trained with before checkpoints recorded it (the first 10 750 steps of the shipped
 # model); a checkpoint's "objectives" lists each change since, from the step it took effect.
 FIRST_OBJECTIVE = {"from_step": 0, "prediction_type": "epsilon", "snr_gamma": 5.0, "multires_discount": 0.0}
-OBJECTIVE_DEFAULTS = {"detail_weight": 0.0}  # what a checkpoint's objectives meant before they named it
 
 
 def describe_objectives(history: list[dict], steps: int) -> str:
@@ -240,7 +227,6 @@ def describe_objectives(history: list[dict], steps: int) -> str:
         + (f"Min-SNR {h['snr_gamma']:g}" if h["snr_gamma"] else "unweighted loss")
         + ", "
         + (f"multires noise {h['multires_discount']:g}" if h["multires_discount"] else "Gaussian noise")
-        + (f", small parts weighted up to {1 + 2 * h['detail_weight']:g}x" if h.get("detail_weight") else "")
         for h, end in zip(history, ends)
     )
 
@@ -260,7 +246,7 @@ def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tu
             module.load_state_dict(state[key])
     if "generator" in state:
         generator.set_state(state["generator"])
-    return state["step"], [{**OBJECTIVE_DEFAULTS, **h} for h in state.get("objectives", [FIRST_OBJECTIVE])]
+    return state["step"], state.get("objectives", [FIRST_OBJECTIVE])
 
 
 def adopt_objective(history: list[dict], objective: dict, step: int, averages: list[tuple]) -> list[dict]:
@@ -294,10 +280,6 @@ def train_denoiser(pipe, work: Path, args) -> None:
     attributes = json.loads(attributes_path.read_text())
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
     latents = pool["latents"] * pool["scaling"]
-    weights = None
-    if args.detail_weight:
-        factor = pipe.vae.config.sample_size // latents.shape[-1]
-        weights = pool_detail_weights(len(latents), args.detail_weight, factor)
 
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -313,7 +295,6 @@ def train_denoiser(pipe, work: Path, args) -> None:
         "prediction_type": pipe.scheduler.config.prediction_type,
         "snr_gamma": args.snr_gamma,
         "multires_discount": args.multires_discount,
-        "detail_weight": args.detail_weight,
     }
     history = adopt_objective(history, objective, step, [(ema_unet, unet), (ema_text, text_encoder)])
     averaged_from = ema_start(history)
@@ -334,7 +315,6 @@ def train_denoiser(pipe, work: Path, args) -> None:
             snr_gamma=args.snr_gamma,
             multires_discount=args.multires_discount,
             generator=generator,
-            weights=None if weights is None else weights[index],
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -550,12 +530,6 @@ def main() -> None:
         type=float,
         default=0.8,
         help="multi-resolution noise discount (0: plain Gaussian noise)",
-    )
-    parser.add_argument(
-        "--detail-weight",
-        type=float,
-        default=0.0,
-        help="weight the UNet's loss up to 1 + 2x this on latent pixels with small parts (0: plain loss)",
     )
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--pool-size", type=int, default=40_000)

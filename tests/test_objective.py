@@ -1,11 +1,8 @@
-"""The denoising objective: its noise (Gaussian, or multi-resolution for pretraining) and its weights."""
-
-from types import SimpleNamespace
+"""The denoising objective's noise: plain Gaussian, or multi-resolution for pretraining."""
 
 import torch
-from diffusers import DDPMScheduler
 
-from lora_nb.objective import denoising_loss, multires_noise
+from lora_nb.objective import multires_noise
 
 
 def block_means(noise: torch.Tensor, block: int) -> torch.Tensor:
@@ -33,42 +30,3 @@ def test_multires_noise_is_a_function_of_the_generator_and_works_on_non_square_l
     other = multires_noise(latents, 0.5, torch.Generator().manual_seed(4))
     assert first.shape == (2, 4, 8, 12)
     assert torch.equal(first, again) and not torch.equal(first, other)
-
-
-class ZeroUNet(torch.nn.Module):
-    """Predicts zeros: the loss is then the target's mean square, which the tests can reason about."""
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return SimpleNamespace(sample=torch.zeros_like(sample))
-
-
-def loss_of(latents, weights=None):
-    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon")
-    return denoising_loss(
-        ZeroUNet(),
-        scheduler,
-        latents,
-        torch.zeros(len(latents), 3, 8),
-        generator=torch.Generator().manual_seed(0),
-        weights=weights,
-        reduce=False,
-    )
-
-
-def test_uniform_weights_leave_the_loss_as_it_is_whatever_their_scale():
-    latents = torch.randn(4, 4, 8, 8)
-    plain = loss_of(latents)
-    assert torch.allclose(loss_of(latents, torch.ones(4, 1, 8, 8)), plain)
-    assert torch.allclose(loss_of(latents, torch.full((4, 1, 8, 8), 7.0)), plain)
-
-
-def test_weights_set_each_pixels_share_of_its_examples_loss():
-    latents = torch.zeros(2, 4, 8, 8)
-    weights = torch.zeros(2, 1, 8, 8)
-    weights[:, :, :, :4] = 1.0  # only the left half counts
-    # The zero UNet's error is the noise itself (epsilon target): the weighted loss is the mean square of
-    # the noise over the left half alone, which the same generator draws again here.
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
-    expected = noise[..., :4].square().mean(dim=(1, 2, 3))
-    assert torch.allclose(loss_of(latents, weights), expected)
-    assert not torch.allclose(loss_of(latents), expected)

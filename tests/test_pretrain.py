@@ -50,28 +50,8 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
         3,
         "--init-from",
         tmp_path / "export",
-        "--detail-weight",
-        2,
     )
     assert steps_of(tmp_path / "more") == {"vae": 2, "decoder": 2, "unet": 3}
-    # A change of objective is recorded from the step it took effect, and the model card says it.
-    card = ModelCard.load(tmp_path / "more" / "README.md")
-    assert [(o["from_step"], o["detail_weight"]) for o in card.data.pretrain_objectives] == [
-        (0, 0.0),
-        (2, 2.0),
-    ]
-    assert (
-        "steps 2-3: v-prediction target, unweighted loss, multires noise 0.8, small parts weighted up to 5x"
-        in (card.text.replace("\n", " "))
-    )
-
-
-def test_the_detail_weights_of_the_pool_rise_on_small_parts_and_match_the_latent_grid():
-    script = load_script()
-    weights = script.pool_detail_weights(3, strength=2.0, factor=4, batch_size=2)
-    assert weights.shape == (3, 1, 16, 16)
-    assert weights.min() == 1.0  # flat paper: the plain loss
-    assert 4.0 < weights.max() <= 5.0  # an outline or a mark: up to 1 + 2 * strength
 
 
 def load_script():
