@@ -1,4 +1,5 @@
-"""Measure the embedded tiny SD: prompt following per skill, creatures not yet known, VAE PSNR, a sample grid.
+"""Measure the embedded tiny SD: prompt following per skill, creatures not yet known, what the text encoding
+carries, VAE PSNR, a sample grid.
 
     python scripts/evaluate_tiny_sd.py --model data/tiny-sd --grid outputs/tiny-sd-samples.png --card
 
@@ -23,6 +24,7 @@ from lora_nb.course.evaluate import (
     prompt_following,
     prompt_suite,
     reconstruction_error,
+    text_sensitivity,
 )
 from lora_nb.course.tiny import TINY_SD_PATH, load_tiny_pipeline
 from lora_nb.course.viz import image_grid, save_figure
@@ -30,6 +32,7 @@ from lora_nb.course.world import COLOURS, SHAPES, draw_creature_sample, draw_par
 
 HELD_OUT_SEEDS = range(50_000, 50_200)  # never in the pretraining pool
 CREATURES = TINY_SD_PATH.parent / "creatures"
+SENSITIVITY_OBJECTS = 24
 
 
 def following_table(pipe, per_case: int, guidance: float) -> str:
@@ -91,6 +94,21 @@ def vae_table(vae) -> str:
     return "\n".join(["| images | VAE MSE (pixels in [0, 1]) | PSNR |", "| --- | --- | --- |", *rows])
 
 
+def text_table(pipe, count: int) -> str:
+    """Which words the text encoding carries: a skill whose words barely move it is hard to learn."""
+    rows = [
+        f"| {name} | {padding:.1%} | {whole:.1%} |"
+        for name, (padding, whole) in text_sensitivity(pipe, count=count).items()
+    ]
+    return "\n".join(
+        [
+            "| changed in the caption | padding after the prompt moves | all 77 positions move |",
+            "| --- | --- | --- |",
+            *rows,
+        ]
+    )
+
+
 def write_card_section(model: Path, text: str) -> None:
     card = model / "README.md"
     body = card.read_text().split("\n## Measured\n")[0].rstrip("\n")
@@ -117,6 +135,12 @@ def main() -> None:
         following_table(pipe, args.per_case, args.guidance),
         "Not yet a creature drawer (the style notebook 03 teaches):",
         creatures_table(pipe, args.guidance),
+        (
+            "What the text encoder carries (`lora_nb.course.evaluate.text_sensitivity`: one attribute "
+            f"changed in the full caption of {SENSITIVITY_OBJECTS} objects with every part; the relative "
+            "change of the encoding):"
+        ),
+        text_table(pipe, SENSITIVITY_OBJECTS),
         f"VAE reconstruction on {len(HELD_OUT_SEEDS)} held-out draws of each world:",
         vae_table(pipe.vae),
     ]

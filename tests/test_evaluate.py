@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import torch
+from conftest import MAX_TOKENS
 
 from lora_nb.course.evaluate import (
     body_colour,
@@ -168,7 +170,6 @@ def test_the_subject_is_read_through_smudges_on_dark_paper():
 
 
 def test_magnitude_and_direction_read_a_scaling_and_a_rotation_apart():
-    import torch
     from torch import nn
 
     from lora_nb import inject_lora
@@ -190,3 +191,40 @@ def test_magnitude_and_direction_read_a_scaling_and_a_rotation_apart():
     first.merge()
     with pytest.raises(ValueError, match="0 is merged"):
         magnitude_and_direction(model)
+
+
+class PositionWiseEncoder(torch.nn.Module):
+    """A text encoder without attention: each position's output depends on its own token only."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.device = torch.device("cpu")
+
+    def forward(self, ids):
+        return (self.embed(ids),)
+
+
+def test_encoding_change_compares_the_padding_past_both_prompts(tokenizer):
+    from types import SimpleNamespace
+
+    from lora_nb.course.evaluate import encoding_change
+
+    torch.manual_seed(0)
+    pipe = SimpleNamespace(tokenizer=tokenizer, text_encoder=PositionWiseEncoder(len(tokenizer)))
+    assert encoding_change(pipe, "ab c", "ab c") == (0.0, 0.0)
+    # "de" lies past the shorter prompt's end token: its padding starts after the longer one's
+    padding, whole = encoding_change(pipe, "ab c", "ab cde")
+    assert padding == 0.0 and whole > 0  # no attention: the padding cannot know the prompt
+    with pytest.raises(ValueError, match=f"fills all {MAX_TOKENS} text positions"):
+        encoding_change(pipe, "a" * MAX_TOKENS, "b")
+
+
+def test_text_sensitivity_changes_each_attribute_in_the_caption():
+    from lora_nb.course.evaluate import SENSITIVITY_CHANGES, text_sensitivity
+    from lora_nb.course.tiny import load_tiny_pipeline
+
+    changes = text_sensitivity(load_tiny_pipeline(), count=3)
+    assert list(changes) == list(SENSITIVITY_CHANGES)
+    for name, (padding, whole) in changes.items():  # causal attention: every word reaches the padding
+        assert padding > 0 and whole > 0, name

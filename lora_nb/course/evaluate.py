@@ -13,10 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data import tokenize
 from ..inference import sample_images
 from ..inject import lora_layers
 from .world import (
+    ATTACHMENTS,
     COLOURS,
+    OUTLINE_COLOURS,
     PAIRS,
     PAPERS,
     SHAPES,
@@ -301,6 +304,55 @@ def prompt_following(
         for case, image in zip(batch, images, strict=True):
             hits.setdefault(case.skill, []).append(follows(case, image))
     return {skill: float(np.mean(h)) for skill, h in hits.items()}
+
+
+@torch.no_grad()
+def encoding_change(pipe, prompt: str, other: str) -> tuple[float, float]:
+    """How far the text encoding moves from `prompt` to `other`, relative to its size: (over the padding
+    after both prompts, over all positions). The padding has read the whole prompt through CLIP's causal
+    attention, and the UNet reads it (02 shows how much): what it barely carries, the UNet
+    can read only at the word's own positions."""
+    ids = tokenize(pipe.tokenizer, [prompt, other]).to(pipe.text_encoder.device)
+    text = pipe.text_encoder(ids)[0].float()  # (2, positions, width)
+    end = max(len(pipe.tokenizer(p).input_ids) for p in (prompt, other))  # past both prompts' end tokens
+    if end >= ids.shape[1]:
+        raise ValueError(
+            f"{prompt!r} or {other!r} fills all {ids.shape[1]} text positions: no padding to compare"
+        )
+    relative = lambda a, b: float((a - b).norm() / a.norm())
+    return relative(text[0, end:], text[1, end:]), relative(text[0], text[1])
+
+
+# What `text_sensitivity` changes, one at a time, in an object that has every part.
+SENSITIVITY_CHANGES = {
+    "body colour": ("colour", list(COLOURS)),
+    "shape": ("shape", ["circle", "square"]),  # the shapes that take ears
+    "size": ("size", ["medium", "large"]),  # the sizes with room for two dots
+    "position": ("position", ["left", "right", "top", "bottom"]),
+    "outline colour": ("outline_colour", list(OUTLINE_COLOURS)),
+    "dots' colour": ("mark_colour", list(COLOURS)),
+    "a dot or two dots": ("mark", ["a dot", "two dots"]),
+    "ears / antennae / horns": ("attachment", list(ATTACHMENTS)),
+    "paper": ("paper", list(PAPERS)),
+}
+
+
+def text_sensitivity(pipe, count: int = 24, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Per attribute of `SENSITIVITY_CHANGES`, the mean `encoding_change` when only it changes in the full
+    caption of one of `count` random objects (a body with an outline, dots and an attachment)."""
+    rng = random.Random(seed)
+    changes: dict[str, list[tuple[float, float]]] = {name: [] for name in SENSITIVITY_CHANGES}
+    for _ in range(count):
+        obj = random_object(rng, rng.choice(["left", "right", "top", "bottom"]))
+        obj.update(shape=rng.choice(["circle", "square"]), size=rng.choice(["medium", "large"]))
+        obj.update(outline="thick", mark="two dots", attachment=rng.choice(ATTACHMENTS))
+        scene = {"paper": rng.choice(list(PAPERS)), **obj}
+        for name, (key, values) in SENSITIVITY_CHANGES.items():
+            taken = {scene["colour"], scene["outline_colour"], scene["mark_colour"], scene[key]}
+            other = {**scene, key: rng.choice([v for v in values if v not in taken])}
+            captions = [parts_caption({"paper": s["paper"], "objects": [s]}) for s in (scene, other)]
+            changes[name].append(encoding_change(pipe, *captions))
+    return {name: tuple(np.mean(pairs, axis=0).tolist()) for name, pairs in changes.items()}
 
 
 def style_statistics(image) -> dict[str, float]:
