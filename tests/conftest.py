@@ -1,7 +1,9 @@
 """Small real models, built in code (no downloads): a diffusers UNet, a CLIP text encoder, an SD pipeline."""
 
+import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,17 @@ def pytest_collection_modifyitems(items):
 
 TEXT_DIM = 32  # CLIP hidden size == UNet cross_attention_dim
 MAX_TOKENS = 16
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """The module of scripts/<name>.py, imported without running its main()."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_unet() -> UNet2DConditionModel:

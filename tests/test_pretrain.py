@@ -1,6 +1,5 @@
 """The pretraining script, run tiny: every stage, checkpoints, the export, and continuing from the export."""
 
-import importlib.util
 import itertools
 import json
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from conftest import load_script
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 
@@ -54,15 +54,8 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
     assert steps_of(tmp_path / "more") == {"vae": 2, "decoder": 2, "unet": 3}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_tiny_sd", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_unet_learning_rate_holds_then_cools_down_to_a_tenth():
-    script = load_script()
+    script = load_script("pretrain_tiny_sd")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
 
     def lr_at(step, cooldown_from):
