@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 from lora_nb.course.evaluate import body_colour, dot_count
 from lora_nb.course.tiny import TINY_SD_PATH, load_tiny_pipeline
 from lora_nb.course.world import Sample, draw_parts_sample
-from lora_nb.data import tokenize
+from lora_nb.data import ImageTransform, tokenize
 from lora_nb.inference import sample_images
 from lora_nb.objective import denoising_loss
 
@@ -68,13 +68,10 @@ def probe(
     """Train on `samples`; (step, mean loss since the last row, read-back share of the first `read`) at step 0
     and every `every` steps."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as trained
-    pixels = torch.stack(
-        [torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1) for s in samples]
-    )
+    transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
+    pixels = torch.stack([transform(s.image) for s in samples])  # (n, 3, h, w) in [-1, 1], as the trainer's
     with torch.no_grad():  # (n, 4, h, w): the frozen VAE's latents, computed once
-        latents = (
-            pipe.vae.encode(pixels.permute(0, 3, 1, 2)).latent_dist.mean * pipe.vae.config.scaling_factor
-        )
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
     captions = [s.caption for s in samples]  # the full caption: no part left out
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
