@@ -341,12 +341,13 @@ def text_sensitivity(pipe, count: int = 24, seed: int = 0) -> dict[str, tuple[fl
     """Per attribute of `SENSITIVITY_CHANGES`, the mean `encoding_change` when only it changes in the full
     caption of one of `count` random objects (a body with an outline, dots and an attachment)."""
     rng = random.Random(seed)
+    values_of = dict(SENSITIVITY_CHANGES.values())  # {attribute key: the values it takes here}
     changes: dict[str, list[tuple[float, float]]] = {name: [] for name in SENSITIVITY_CHANGES}
     for _ in range(count):
-        obj = random_object(rng, rng.choice(["left", "right", "top", "bottom"]))
-        obj.update(shape=rng.choice(["circle", "square"]), size=rng.choice(["medium", "large"]))
-        obj.update(outline="thick", mark="two dots", attachment=rng.choice(ATTACHMENTS))
-        scene = {"paper": rng.choice(list(PAPERS)), **obj}
+        obj = random_object(rng, rng.choice(values_of["position"]))
+        obj.update(shape=rng.choice(values_of["shape"]), size=rng.choice(values_of["size"]))
+        obj.update(outline="thick", mark="two dots", attachment=rng.choice(values_of["attachment"]))
+        scene = {"paper": rng.choice(values_of["paper"]), **obj}
         for name, (key, values) in SENSITIVITY_CHANGES.items():
             taken = {scene["colour"], scene["outline_colour"], scene["mark_colour"], scene[key]}
             other = {**scene, key: rng.choice([v for v in values if v not in taken])}
