@@ -7,20 +7,28 @@ white paper, under their full captions ("a large yellow circle with two orange d
 and every `--every` steps draws those captions and reads back the share of samples with the body's colour
 and two dots of the named colour. Fitting the pictures is easy (the loss falls); a design that can follow
 "two orange dots" in pretraining should first raise that share here, on its own training captions.
+
+Two measures say where a design fails. The read-back is split: the body's colour; some of the dots' colour
+inside the body; and exactly two dots of it (the full criterion), so a colour that is drawn as one smear or
+three blobs shows as geometry, not as colour. Before and after training, `caption_follow` changes the dots'
+colour (or the body's) in each caption and asks how much of that change reaches the UNet's prediction of the
+clean latent from the same noisy picture, noise level by noise level: exactly where the picture changes, and
+as colour anywhere in the image.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from lora_nb.course.evaluate import body_colour, dot_count
+from lora_nb.course.evaluate import body_colour, colour_mask, dot_count, erode, fill_holes, foreground_mask
 from lora_nb.course.tiny import TINY_SD_PATH, load_tiny_pipeline
-from lora_nb.course.world import Sample, draw_parts_sample
+from lora_nb.course.world import COLOURS, Sample, draw_parts_sample, parts_caption, render_parts
 from lora_nb.data import ImageTransform, tokenize
 from lora_nb.inference import sample_images
 from lora_nb.objective import denoising_loss
@@ -48,25 +56,84 @@ def two_dot_pictures(count: int) -> list[Sample]:
     return samples
 
 
-def read_back(pipe, samples: list[Sample]) -> float:
-    """The share of the model's samples of `samples`' captions with the body's colour and its two dots'."""
+READ_BACK = ("body colour", "dots' colour in it", "two dots of it")
+FOLLOW_TIMESTEPS = (999, 750, 500, 250)
+
+
+def read_back(pipe, samples: list[Sample]) -> dict[str, float]:
+    """The shares of the model's samples of `samples`' captions with the body's colour; with it and some of
+    the dots' colour inside the body; and with it and exactly two dots of that colour (READ_BACK's order)."""
     images = sample_images(pipe, [s.caption for s in samples], num_inference_steps=25, guidance_scale=7.5)
-    objects = [s.attributes["objects"][0] for s in samples]
-    return float(
-        np.mean(
-            [
-                body_colour(im) == o["colour"] and dot_count(im, o["mark_colour"]) == 2
-                for im, o in zip(images, objects, strict=True)
-            ]
-        )
-    )
+    counts = np.zeros(len(READ_BACK))
+    for image, sample in zip(images, samples, strict=True):
+        obj = sample.attributes["objects"][0]
+        body = body_colour(image) == obj["colour"]
+        inside = erode(fill_holes(foreground_mask(image)), 1)
+        coloured = body and bool((inside & colour_mask(image, obj["mark_colour"])).any())
+        counts += [body, coloured, body and dot_count(image, obj["mark_colour"]) == 2]
+    return dict(zip(READ_BACK, (counts / len(samples)).tolist(), strict=True))
+
+
+def changed_pair(sample: Sample, key: str, index: int) -> tuple[tuple, tuple]:
+    """(image, caption) of `sample`'s attributes and of the same with the object's `key` ("mark_colour" or
+    "colour") set to another colour, both drawn with the same jitter."""
+    obj = sample.attributes["objects"][0]
+    other = [c for c in COLOURS if c not in (obj["colour"], obj["mark_colour"])][index % 4]
+    pair = []
+    for attributes in (sample.attributes, {**sample.attributes, "objects": [{**obj, key: other}]}):
+        pair.append((render_parts(attributes, random.Random(index)), parts_caption(attributes)))
+    return pair[0], pair[1]
+
+
+@torch.no_grad()
+def caption_follow(pipe, samples: list[Sample], key: str) -> dict[int, tuple[float, float]]:
+    """{timestep: (exact, anywhere)}: how much of a change of the object's `key` in the caption reaches the
+    UNet's prediction of the clean latent x0 from the noisy latent of the unchanged picture (1: all of it).
+    Exact: the prediction's change projected on the latents' change. Anywhere: the same on the change
+    summed over the image, per latent channel, blind to where the colour is put."""
+    pairs = [changed_pair(sample, key, i) for i, sample in enumerate(samples)]
+    transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
+    latents, texts = [], []
+    for images_and_captions in zip(*pairs, strict=True):
+        pixels = torch.stack([transform(image) for image, _ in images_and_captions])
+        latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+        texts.append(pipe.text_encoder(tokenize(pipe.tokenizer, [c for _, c in images_and_captions]))[0])
+    change = latents[1] - latents[0]  # (n, 4, h, w)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training schedule, as the probe's
+    generator, follow = torch.Generator().manual_seed(0), {}
+    for t in FOLLOW_TIMESTEPS:
+        timesteps = torch.full((len(samples),), t)
+        noise = torch.randn(change.shape, generator=generator)
+        noisy = scheduler.add_noise(latents[0], noise, timesteps)
+        x0 = [clean_latent(pipe.unet, scheduler, noisy, timesteps, text) for text in texts]
+        moved = x0[1] - x0[0]
+        exact = (moved * change).sum((1, 2, 3)) / change.pow(2).sum((1, 2, 3))
+        moved, total = moved.sum((2, 3)), change.sum((2, 3))  # (n, 4): colour, wherever it is
+        follow[t] = (exact.mean().item(), ((moved * total).sum(1) / total.pow(2).sum(1)).mean().item())
+    return follow
+
+
+def clean_latent(unet, scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor):
+    """The UNet's prediction of the clean latent x0 from `noisy` at `timesteps`."""
+    alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    output = unet(noisy, timesteps, encoder_hidden_states=text).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * output
+    return (noisy - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+
+
+def print_follow(pipe, samples: list[Sample], when: str) -> None:
+    print(f"{when}: share of a caption's colour change in the UNet's x0, exact / anywhere, by timestep")
+    for key, name in (("mark_colour", "dots' colour"), ("colour", "body colour")):
+        cells = [f"t {t}: {a:.2f} / {b:.2f}" for t, (a, b) in caption_follow(pipe, samples, key).items()]
+        print(f"  {name}: " + ", ".join(cells), flush=True)
 
 
 def probe(
     pipe, samples: list[Sample], steps: int, every: int, lr: float, read: int = 32, batch_size: int = 64
 ) -> list[tuple]:
-    """Train on `samples`; (step, mean loss since the last row, read-back share of the first `read`) at step 0
-    and every `every` steps."""
+    """Train on `samples`; (step, mean loss since the last row, read-back shares of the first `read`) at step
+    0 and every `every` steps."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as trained
     transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
     pixels = torch.stack([transform(s.image) for s in samples])  # (n, 3, h, w) in [-1, 1], as the trainer's
@@ -95,7 +162,8 @@ def probe(
             pipe.text_encoder.eval()
             rows.append((step, float(np.mean(losses)), read_back(pipe, samples[:read])))
             losses = []
-            print(f"step {rows[-1][0]}: loss {rows[-1][1]:.4f}, read back {rows[-1][2]:.0%}", flush=True)
+            shares = ", ".join(f"{name} {share:.0%}" for name, share in rows[-1][2].items())
+            print(f"step {step}: loss {rows[-1][1]:.4f}, read back: {shares}", flush=True)
     return rows
 
 
@@ -114,10 +182,13 @@ def main() -> None:
     args = parser.parse_args()
     samples = two_dot_pictures(args.images)
     pipe = load_tiny_pipeline(args.model)
+    print_follow(pipe, samples[: args.read], "before")
     rows = probe(pipe, samples, args.steps, args.every, args.lr, args.read)
-    print("| step | loss | body + two dots of the named colours |\n| --- | --- | --- |")
-    for step, loss, share in rows:
-        print(f"| {step} | {f'{loss:.4f}' if step else '-'} | {share:.0%} |")
+    print_follow(pipe, samples[: args.read], "after")
+    print("| step | loss | " + " | ".join(READ_BACK) + " |\n| --- | --- |" + " --- |" * len(READ_BACK))
+    for step, loss, shares in rows:
+        cells = " | ".join(f"{share:.0%}" for share in shares.values())
+        print(f"| {step} | {f'{loss:.4f}' if step else '-'} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,37 @@ def test_the_probe_trains_the_model_and_reads_back_at_each_row():
     rows = probe.probe(pipe, probe.two_dot_pictures(4), steps=2, every=1, lr=1e-3, read=2, batch_size=2)
     assert [step for step, _, _ in rows] == [0, 1, 2]
     assert math.isnan(rows[0][1]) and all(math.isfinite(loss) for _, loss, _ in rows[1:])
-    assert all(share in (0.0, 0.5, 1.0) for _, _, share in rows)  # of two samples read
+    for _, _, shares in rows:
+        assert list(shares) == list(probe.READ_BACK)
+        assert all(share in (0.0, 0.5, 1.0) for share in shares.values())  # of two samples read
+        body, coloured, two_dots = shares.values()
+        assert body >= coloured >= two_dots  # each criterion asks for the one before it and more
     after = (pipe.unet.conv_out.weight, pipe.text_encoder.get_input_embeddings().weight)
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # both models trained
+
+
+def test_a_changed_pair_differs_in_the_one_colour_only():
+    probe = load_script("binding_probe")
+    sample = probe.two_dot_pictures(1)[0]
+    obj = sample.attributes["objects"][0]
+    (image, caption), (changed, changed_caption) = probe.changed_pair(sample, "mark_colour", 0)
+    other = changed_caption.split(" with two ")[1].split(" dots")[0]
+    assert other not in (obj["colour"], obj["mark_colour"])
+    assert caption.replace(f"two {obj['mark_colour']} dots", f"two {other} dots") == changed_caption
+    assert body_colour(image) == body_colour(changed) == obj["colour"]
+    assert dot_count(image, obj["mark_colour"]) == 2 and dot_count(changed, other) == 2
+
+
+def test_caption_follow_is_zero_for_a_unet_that_does_not_read_the_text_and_positive_for_the_model():
+    probe = load_script("binding_probe")
+    pipe, samples = load_tiny_pipeline(), probe.two_dot_pictures(6)
+    follow = probe.caption_follow(pipe, samples, "colour")
+    assert list(follow) == list(probe.FOLLOW_TIMESTEPS)
+    exact, anywhere = follow[999]
+    assert exact > 0.2 and anywhere > 0.5  # from pure noise, the caption's body colour is where it goes
+    for name, module in pipe.unet.named_modules():
+        if name.endswith("attn2"):
+            module.to_v.weight.data.zero_()  # every text token now gives the same (zero) value
+    for key in ("colour", "mark_colour"):
+        for exact, anywhere in probe.caption_follow(pipe, samples, key).values():
+            assert abs(exact) < 1e-5 and abs(anywhere) < 1e-5
