@@ -4,9 +4,12 @@
 
 It continues the model's UNet and text encoder on pictures of one large circle or square with two dots on
 white paper, under their full captions ("a large yellow circle with two orange dots on a white background"),
-and every `--every` steps draws those captions and reads back the share of samples with the body's colour
-and two dots of the named colour. Fitting the pictures is easy (the loss falls); a design that can follow
-"two orange dots" in pretraining should first raise that share here, on its own training captions.
+and 10 % empty captions, as pretraining has them, so that guidance keeps its unconditional prediction.
+Every `--every` steps it draws 32 of those captions, and 32 of colour pairs it never trains on
+(HELD_OUT_PAIRS), and reads back the share of samples with the body's colour and two dots of the named
+colour. Fitting the pictures is easy (the loss falls); a design that can follow "two orange dots" in
+pretraining should first raise that share here, on its own training captions, and then on the held-out
+ones.
 
 Two measures say where a design fails. The read-back is split: the body's colour; some of the dots' colour
 inside the body; and exactly two dots of it (the full criterion), so a colour that is drawn as one smear or
@@ -34,6 +37,8 @@ from lora_nb.inference import sample_images
 from lora_nb.objective import denoising_loss
 
 FIRST_SEED = 900_000  # far from the pretraining pool's seeds
+HELD_OUT_SEED = 950_000
+EMPTY_CAPTION_RATE = 0.1  # as in pretraining: guidance extrapolates from the empty caption's prediction
 TWO_DOTS = {  # what draw_parts_sample fixes: one large body with two dots, nothing else, on white
     "count": 1,
     "paper": "white",
@@ -45,13 +50,26 @@ TWO_DOTS = {  # what draw_parts_sample fixes: one large body with two dots, noth
 }
 
 
-def two_dot_pictures(count: int) -> list[Sample]:
-    """`count` pictures of a large circle or square with two dots on white paper."""
-    samples, seed = [], FIRST_SEED
+HELD_OUT_PAIRS = {  # (body, dots) colours the probe never trains on: binding that generalises draws them
+    ("red", "green"),
+    ("green", "blue"),
+    ("blue", "yellow"),
+    ("yellow", "purple"),
+    ("purple", "orange"),
+    ("orange", "red"),
+}
+
+
+def two_dot_pictures(count: int, held_out: bool = False) -> list[Sample]:
+    """`count` pictures of a large circle or square with two dots on white paper, in the colour pairs the
+    probe trains on, or (`held_out`) in HELD_OUT_PAIRS only."""
+    samples, seed = [], HELD_OUT_SEED if held_out else FIRST_SEED
     while len(samples) < count:
         sample = draw_parts_sample(seed, **TWO_DOTS)
         seed += 1
-        if sample.attributes["objects"][0]["shape"] in ("circle", "square"):
+        obj = sample.attributes["objects"][0]
+        pair_held_out = (obj["colour"], obj["mark_colour"]) in HELD_OUT_PAIRS
+        if obj["shape"] in ("circle", "square") and pair_held_out == held_out:
             samples.append(sample)
     return samples
 
@@ -72,6 +90,10 @@ def read_back(pipe, samples: list[Sample]) -> dict[str, float]:
         coloured = body and bool((inside & colour_mask(image, obj["mark_colour"])).any())
         counts += [body, coloured, body and dot_count(image, obj["mark_colour"]) == 2]
     return dict(zip(READ_BACK, (counts / len(samples)).tolist(), strict=True))
+
+
+def read_all(pipe, reading: dict) -> dict[str, dict[str, float]]:
+    return {name: read_back(pipe, samples) for name, samples in reading.items()}
 
 
 def changed_pair(sample: Sample, key: str, index: int) -> tuple[tuple, tuple]:
@@ -130,25 +152,27 @@ def print_follow(pipe, samples: list[Sample], when: str) -> None:
 
 
 def probe(
-    pipe, samples: list[Sample], steps: int, every: int, lr: float, read: int = 32, batch_size: int = 64
+    pipe, samples: list[Sample], steps: int, every: int, lr: float, reading: dict, batch_size: int = 64
 ) -> list[tuple]:
-    """Train on `samples`; (step, mean loss since the last row, read-back shares of the first `read`) at step
-    0 and every `every` steps."""
+    """Train on `samples`; at step 0 and every `every` steps a row (step, mean loss since the last row,
+    {name: read-back shares} of each list of samples in `reading`)."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as trained
     transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
     pixels = torch.stack([transform(s.image) for s in samples])  # (n, 3, h, w) in [-1, 1], as the trainer's
     with torch.no_grad():  # (n, 4, h, w): the frozen VAE's latents, computed once
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    captions = [s.caption for s in samples]  # the full caption: no part left out
+    captions = [s.caption for s in samples]  # the full caption: no part left out, or none
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(0)
-    rows, losses = [(0, float("nan"), read_back(pipe, samples[:read]))], []
+    rows, losses = [(0, float("nan"), read_all(pipe, reading))], []
     for step in range(1, steps + 1):
         pipe.unet.train()
         pipe.text_encoder.train()
         index = torch.randint(0, len(samples), (batch_size,), generator=generator)
-        text = pipe.text_encoder(tokenize(pipe.tokenizer, [captions[i] for i in index]))[0]
+        empty = torch.rand(batch_size, generator=generator) < EMPTY_CAPTION_RATE
+        batch = ["" if drop else captions[i] for i, drop in zip(index, empty, strict=True)]
+        text = pipe.text_encoder(tokenize(pipe.tokenizer, batch))[0]
         loss = denoising_loss(
             pipe.unet, scheduler, latents[index], text, multires_discount=0.8, generator=generator
         )
@@ -160,10 +184,13 @@ def probe(
         if step % every == 0 or step == steps:
             pipe.unet.eval()
             pipe.text_encoder.eval()
-            rows.append((step, float(np.mean(losses)), read_back(pipe, samples[:read])))
+            rows.append((step, float(np.mean(losses)), read_all(pipe, reading)))
             losses = []
-            shares = ", ".join(f"{name} {share:.0%}" for name, share in rows[-1][2].items())
-            print(f"step {step}: loss {rows[-1][1]:.4f}, read back: {shares}", flush=True)
+            read = "; ".join(
+                f"{name}: " + ", ".join(f"{criterion} {share:.0%}" for criterion, share in shares.items())
+                for name, shares in rows[-1][2].items()
+            )
+            print(f"step {step}: loss {rows[-1][1]:.4f}; {read}", flush=True)
     return rows
 
 
@@ -174,20 +201,23 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=TINY_SD_PATH)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument(
-        "--read", type=int, default=32, help="how many of the training captions to draw and read"
+        "--read", type=int, default=32, help="how many training and held-out captions to draw and read"
     )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     samples = two_dot_pictures(args.images)
+    held_out = two_dot_pictures(args.read, held_out=True)
+    reading = {"trained on": samples[: args.read], "held out": held_out}
     pipe = load_tiny_pipeline(args.model)
     print_follow(pipe, samples[: args.read], "before")
-    rows = probe(pipe, samples, args.steps, args.every, args.lr, args.read)
+    rows = probe(pipe, samples, args.steps, args.every, args.lr, reading)
     print_follow(pipe, samples[: args.read], "after")
-    print("| step | loss | " + " | ".join(READ_BACK) + " |\n| --- | --- |" + " --- |" * len(READ_BACK))
-    for step, loss, shares in rows:
-        cells = " | ".join(f"{share:.0%}" for share in shares.values())
+    columns = [f"{name}: {criterion}" for name in reading for criterion in READ_BACK]
+    print("| step | loss | " + " | ".join(columns) + " |\n| --- | --- |" + " --- |" * len(columns))
+    for step, loss, read in rows:
+        cells = " | ".join(f"{share:.0%}" for shares in read.values() for share in shares.values())
         print(f"| {step} | {f'{loss:.4f}' if step else '-'} | {cells} |")
 
 
