@@ -92,6 +92,14 @@ def read_back(pipe, samples: list[Sample]) -> dict[str, float]:
     return dict(zip(READ_BACK, (counts / len(samples)).tolist(), strict=True))
 
 
+def latents_of(pipe, images) -> torch.Tensor:
+    """(n, 4, h, w): the frozen VAE's latents of PIL `images`, with the pixels the trainer would give it."""
+    transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
+    with torch.no_grad():
+        pixels = torch.stack([transform(image) for image in images])  # (n, 3, h, w) in [-1, 1]
+        return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
 def read_all(pipe, reading: dict) -> dict[str, dict[str, float]]:
     return {name: read_back(pipe, samples) for name, samples in reading.items()}
 
@@ -104,7 +112,7 @@ def changed_pair(sample: Sample, key: str, index: int) -> tuple[tuple, tuple]:
     pair = []
     for attributes in (sample.attributes, {**sample.attributes, "objects": [{**obj, key: other}]}):
         pair.append((render_parts(attributes, random.Random(index)), parts_caption(attributes)))
-    return pair[0], pair[1]
+    return tuple(pair)
 
 
 @torch.no_grad()
@@ -114,11 +122,9 @@ def caption_follow(pipe, samples: list[Sample], key: str) -> dict[int, tuple[flo
     Exact: the prediction's change projected on the latents' change. Anywhere: the same on the change
     summed over the image, per latent channel, blind to where the colour is put."""
     pairs = [changed_pair(sample, key, i) for i, sample in enumerate(samples)]
-    transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
     latents, texts = [], []
-    for images_and_captions in zip(*pairs, strict=True):
-        pixels = torch.stack([transform(image) for image, _ in images_and_captions])
-        latents.append(pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor)
+    for images_and_captions in zip(*pairs, strict=True):  # the unchanged pictures, then the changed ones
+        latents.append(latents_of(pipe, [image for image, _ in images_and_captions]))
         texts.append(pipe.text_encoder(tokenize(pipe.tokenizer, [c for _, c in images_and_captions]))[0])
     change = latents[1] - latents[0]  # (n, 4, h, w)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the training schedule, as the probe's
@@ -157,10 +163,7 @@ def probe(
     """Train on `samples`; at step 0 and every `every` steps a row (step, mean loss since the last row,
     {name: read-back shares} of each list of samples in `reading`)."""
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the sampler's betas, as trained
-    transform = ImageTransform(pipe.unet.config.sample_size * pipe.vae_scale_factor, center_crop=True)
-    pixels = torch.stack([transform(s.image) for s in samples])  # (n, 3, h, w) in [-1, 1], as the trainer's
-    with torch.no_grad():  # (n, 4, h, w): the frozen VAE's latents, computed once
-        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    latents = latents_of(pipe, [s.image for s in samples])  # computed once: the VAE is frozen
     captions = [s.caption for s in samples]  # the full caption: no part left out, or none
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -208,12 +211,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     args = parser.parse_args()
     samples = two_dot_pictures(args.images)
-    held_out = two_dot_pictures(args.read, held_out=True)
-    reading = {"trained on": samples[: args.read], "held out": held_out}
+    reading = {"trained on": samples[: args.read], "held out": two_dot_pictures(args.read, held_out=True)}
     pipe = load_tiny_pipeline(args.model)
-    print_follow(pipe, samples[: args.read], "before")
+    print_follow(pipe, reading["trained on"], "before")
     rows = probe(pipe, samples, args.steps, args.every, args.lr, reading)
-    print_follow(pipe, samples[: args.read], "after")
+    print_follow(pipe, reading["trained on"], "after")
     columns = [f"{name}: {criterion}" for name in reading for criterion in READ_BACK]
     print("| step | loss | " + " | ".join(columns) + " |\n| --- | --- |" + " --- |" * len(columns))
     for step, loss, read in rows:
