@@ -214,25 +214,34 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
     return latents, attributes, float(1.0 / latents.std())
 
 
-# What the UNet stage trained with before checkpoints recorded it (the first 10 750 steps of the shipped
-# model); a checkpoint's "objectives" lists each change since, from the step it took effect.
+# How the UNet stage trained before checkpoints recorded it (the first 10 750 steps of the shipped model); a
+# checkpoint's "objectives" lists each change since (target, loss weighting, noise, learning rate), from the
+# step it took effect.
 FIRST_OBJECTIVE = {"from_step": 0, "prediction_type": "epsilon", "snr_gamma": 5.0, "multires_discount": 0.0}
+# What an entry recorded before these keys existed trained with: the shipped model's first 25 000 steps.
+EARLIER_DEFAULTS = {"lr": 1e-3, "cooldown_from": None}
+
+
+def complete(entry: dict) -> dict:
+    return {**EARLIER_DEFAULTS, **entry}
 
 
 def describe_objectives(history: list[dict], steps: int) -> str:
-    """'steps 0-10750: epsilon prediction, Min-SNR 5, Gaussian noise; ...' for the model card."""
+    """'steps 0-10750: epsilon target, Min-SNR 5, Gaussian noise, lr 0.001; ...' for the model card."""
     ends = [h["from_step"] for h in history[1:]] + [steps]
     return "; ".join(
         f"steps {h['from_step']}-{end}: {h['prediction_type'].replace('_', '-')} target, "
         + (f"Min-SNR {h['snr_gamma']:g}" if h["snr_gamma"] else "unweighted loss")
         + ", "
         + (f"multires noise {h['multires_discount']:g}" if h["multires_discount"] else "Gaussian noise")
-        for h, end in zip(history, ends)
+        + f", lr {h['lr']:g}"
+        + (
+            f" (from step {h['cooldown_from']} a cosine down to a tenth)"
+            if h["cooldown_from"] is not None
+            else ""
+        )
+        for h, end in zip(map(complete, history), ends)
     )
-
-
-def describe_cooldown(cooldown_from: int | None) -> str:
-    return f", from step {cooldown_from} a cosine down to a tenth of it" if cooldown_from is not None else ""
 
 
 def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, list[dict]]:
@@ -253,7 +262,7 @@ def adopt_objective(history: list[dict], objective: dict, step: int, averages: l
     """The objectives with `objective` from `step` on, where it is new. When the target changes, each EMA
     copy in `averages` ((ema, model) pairs) starts again from its model: an average of weights trained for
     two targets predicts neither."""
-    if history and {k: v for k, v in history[-1].items() if k != "from_step"} == objective:
+    if history and {k: v for k, v in complete(history[-1]).items() if k != "from_step"} == objective:
         return history
     print(f"step {step}: the objective is now {objective}", flush=True)
     if history and history[-1]["prediction_type"] != objective["prediction_type"]:
@@ -295,6 +304,8 @@ def train_denoiser(pipe, work: Path, args) -> None:
         "prediction_type": pipe.scheduler.config.prediction_type,
         "snr_gamma": args.snr_gamma,
         "multires_discount": args.multires_discount,
+        "lr": args.lr,
+        "cooldown_from": args.cooldown_from,
     }
     history = adopt_objective(history, objective, step, [(ema_unet, unet), (ema_text, text_encoder)])
     averaged_from = ema_start(history)
@@ -342,7 +353,6 @@ def train_denoiser(pipe, work: Path, args) -> None:
                     "generator": generator.get_state(),
                     "step": step,
                     "objectives": history,
-                    "cooldown_from": args.cooldown_from,
                 },
                 ckpt,
             )
@@ -370,9 +380,9 @@ background". Which of these it follows when prompted, and how well, is measured 
 How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb repository) trained the VAE for
 {vae_steps} steps on parts, creatures and the DreamBooth subject (then its decoder alone for
 {decoder_steps} more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the
-same), then the UNet and the text encoder together for {steps} steps (batch {batch}, AdamW lr
-{lr}{cooldown}, 10% empty captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned
-parts images ({objectives}); this export uses the EMA weights. The UNet predicts the velocity v, as SD
+same), then the UNet and the text encoder together for {steps} steps (batch {batch}, AdamW, 10% empty
+captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images
+({objectives}); this export uses the EMA weights. The UNet predicts the velocity v, as SD
 2.x's does (SD 1.5's predicts the noise): the first 10 750 steps predicted the noise, and that model drew
 every object where the starting noise put it, whatever position word the prompt had
 (`lora_nb/course/tiny.py` says why); multi-resolution noise hides the trace of the layout that SD's
@@ -424,8 +434,6 @@ def export(pipe, work: Path, out: Path, args) -> None:
             decoder_steps=vae_steps.get("decoder", 0),
             steps=state["step"],
             batch=args.batch_size,
-            lr=args.lr,
-            cooldown=describe_cooldown(state.get("cooldown_from")),
             objectives=describe_objectives(state.get("objectives", [FIRST_OBJECTIVE]), state["step"]),
             ema=args.ema_decay,
             pool=len(pool["latents"]),

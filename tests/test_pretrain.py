@@ -69,3 +69,27 @@ def test_the_unet_learning_rate_holds_then_cools_down_to_a_tenth():
     cooling = [lr_at(s, 60) for s in range(60, 101)]
     assert all(a > b for a, b in itertools.pairwise(cooling))
     assert abs(cooling[-1] - 1e-4) < 1e-12
+
+
+def test_the_recorded_objectives_say_each_stretch_s_learning_rate_and_an_unchanged_one_adds_nothing():
+    script = load_script("pretrain_tiny_sd")
+    shipped = [  # as the shipped card records them: before the learning rate was recorded
+        script.FIRST_OBJECTIVE,
+        {"from_step": 100, "prediction_type": "v_prediction", "snr_gamma": None, "multires_discount": 0.8},
+    ]
+    same = {
+        "prediction_type": "v_prediction",
+        "snr_gamma": None,
+        "multires_discount": 0.8,
+        **script.EARLIER_DEFAULTS,
+    }
+    assert script.adopt_objective(shipped, same, 200, []) == shipped
+    cooler = {**same, "lr": 3e-4, "cooldown_from": 200}  # a continuation at its own rate
+    history = script.adopt_objective(shipped, cooler, 200, [])
+    assert history[-1] == {"from_step": 200, **cooler}
+    described = script.describe_objectives(history, 300).split("; ")
+    assert described[0] == "steps 0-100: epsilon target, Min-SNR 5, Gaussian noise, lr 0.001"
+    assert described[2] == (
+        "steps 200-300: v-prediction target, unweighted loss, multires noise 0.8, lr 0.0003 (from step 200 a "
+        "cosine down to a tenth)"
+    )
