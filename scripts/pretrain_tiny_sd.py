@@ -222,7 +222,7 @@ FIRST_OBJECTIVE = {"from_step": 0, "prediction_type": "epsilon", "snr_gamma": 5.
 EARLIER_DEFAULTS = {"lr": 1e-3, "cooldown_from": None}
 
 
-def complete(entry: dict) -> dict:
+def with_earlier_defaults(entry: dict) -> dict:
     return {**EARLIER_DEFAULTS, **entry}
 
 
@@ -240,7 +240,7 @@ def describe_objectives(history: list[dict], steps: int) -> str:
             if h["cooldown_from"] is not None
             else ""
         )
-        for h, end in zip(map(complete, history), ends)
+        for h, end in zip(map(with_earlier_defaults, history), ends)
     )
 
 
@@ -262,7 +262,10 @@ def adopt_objective(history: list[dict], objective: dict, step: int, averages: l
     """The objectives with `objective` from `step` on, where it is new. When the target changes, each EMA
     copy in `averages` ((ema, model) pairs) starts again from its model: an average of weights trained for
     two targets predicts neither."""
-    if history and {k: v for k, v in complete(history[-1]).items() if k != "from_step"} == objective:
+    if (
+        history
+        and {k: v for k, v in with_earlier_defaults(history[-1]).items() if k != "from_step"} == objective
+    ):
         return history
     print(f"step {step}: the objective is now {objective}", flush=True)
     if history and history[-1]["prediction_type"] != objective["prediction_type"]:
