@@ -64,23 +64,37 @@ def save_atomically(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, weights_only=True)  # tensors and plain values only: no code from a file
+    # tensors and plain values only: no code from a file; onto the CPU, whichever device wrote it
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
-def resume_vae_stage(ckpt: Path, vae, optimizer) -> int:
+def machine(device: str) -> str:
+    """The name the model card gives the machine a stage ran on: "CPU" or the GPU's own name."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+
+
+def machines_so_far(state: dict | None, device: str) -> list[str]:
+    """The machines a stage has run on, this one included (a checkpoint from before they were recorded: a
+    CPU, as every run then was)."""
+    earlier = [] if state is None else state.get("machines", ["CPU"])
+    return sorted({*earlier, machine(device)})
+
+
+def resume_vae_stage(ckpt: Path, vae, optimizer, device: str) -> tuple[int, list[str]]:
     """Load a VAE stage's checkpoint (the optimiser too, unless it was seeded from an export by --init-from)
-    and return its step; 0 when there is none."""
+    and return its step (0 when there is none) and the machines it will have run on."""
     if not ckpt.exists():
-        return 0
+        return 0, machines_so_far(None, device)
     state = load_checkpoint(ckpt)
     vae.load_state_dict(state["vae"])
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
-    return state["step"]
+    return state["step"], machines_so_far(state, device)
 
 
-def save_vae_stage(ckpt: Path, vae, optimizer, step: int) -> None:
-    save_atomically({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, ckpt)
+def save_vae_stage(ckpt: Path, vae, optimizer, step: int, machines: list[str]) -> None:
+    state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "machines": machines}
+    save_atomically(state, ckpt)
 
 
 def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
@@ -110,7 +124,7 @@ def train_vae(pipe, work: Path, args) -> None:
     ckpt = work / "vae.pt"
     vae = pipe.vae
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step = resume_vae_stage(ckpt, vae, optimizer)
+    step, machines = resume_vae_stage(ckpt, vae, optimizer, args.device)
     if step == 0:
         # Start from a near-deterministic posterior (std e^-4): at logvar 0 the sampled latents are so noisy
         # that the decoder learns to paint every body the data set's mean brown. The KL term's weight is
@@ -121,7 +135,7 @@ def train_vae(pipe, work: Path, args) -> None:
     start = time.time()
     while step < args.vae_steps:
         set_cosine_lr(optimizer, args.vae_lr, step, args.vae_steps)
-        images = vae_batch(step, args.vae_batch_size)
+        images = vae_batch(step, args.vae_batch_size).to(args.device)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(reconstruction, images)
@@ -136,7 +150,7 @@ def train_vae(pipe, work: Path, args) -> None:
             )
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.vae_steps:
-            save_vae_stage(ckpt, vae, optimizer, step)
+            save_vae_stage(ckpt, vae, optimizer, step, machines)
     vae.eval().requires_grad_(False)
 
 
@@ -172,7 +186,7 @@ def train_decoder(pipe, work: Path, args) -> None:
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    step = resume_vae_stage(ckpt, vae, optimizer)
+    step, machines = resume_vae_stage(ckpt, vae, optimizer, args.device)
     make_posterior_deterministic(vae)  # not trained here: the decoder learns from the means
     vae.requires_grad_(False).eval()
     for p in params:
@@ -181,6 +195,7 @@ def train_decoder(pipe, work: Path, args) -> None:
     while step < args.decoder_steps:
         set_cosine_lr(optimizer, args.decoder_lr, step, args.decoder_steps)
         images = vae_batch(args.vae_steps + step, args.vae_batch_size)  # draws the VAE stage never saw
+        images = images.to(args.device)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
         error = vae.decode(latents).sample - images
@@ -195,7 +210,7 @@ def train_decoder(pipe, work: Path, args) -> None:
             print(f"decoder step {step} mse {mse:.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.decoder_steps:
-            save_vae_stage(ckpt, vae, optimizer, step)
+            save_vae_stage(ckpt, vae, optimizer, step, machines)
     vae.requires_grad_(False)
 
 
@@ -209,7 +224,8 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
         ]
         print(f"encoding the pool: {first + len(samples)}/{size}", flush=True)
         attributes += [s.attributes for s in samples]
-        latents.append(pipe.vae.encode(to_tensor([s.image for s in samples])).latent_dist.mean)
+        images = to_tensor([s.image for s in samples]).to(pipe.device)
+        latents.append(pipe.vae.encode(images).latent_dist.mean.cpu())
     latents = torch.cat(latents)
     return latents, attributes, float(1.0 / latents.std())
 
@@ -244,18 +260,16 @@ def describe_objectives(history: list[dict], steps: int) -> str:
     )
 
 
-def resume_denoiser(ckpt: Path, modules: dict, generator: torch.Generator) -> tuple[int, list[dict]]:
-    """Load the UNet stage's checkpoint, if there is one, into `modules` and `generator`; return its step and
-    its objectives (none before the first step)."""
+def resume_denoiser(ckpt: Path, modules: dict, device: str) -> tuple[int, list[dict], list[str]]:
+    """Load the UNet stage's checkpoint, if there is one, into `modules`; return its step, its objectives
+    (none before the first step) and the machines it will have run on."""
     if not ckpt.exists():
-        return 0, []
+        return 0, [], machines_so_far(None, device)
     state = load_checkpoint(ckpt)
     for key, module in modules.items():
         if key in state:  # an export (--init-from) has the weights, not the optimizer's moments
             module.load_state_dict(state[key])
-    if "generator" in state:
-        generator.set_state(state["generator"])
-    return state["step"], state.get("objectives", [FIRST_OBJECTIVE])
+    return state["step"], state.get("objectives", [FIRST_OBJECTIVE]), machines_so_far(state, device)
 
 
 def adopt_objective(history: list[dict], objective: dict, step: int, averages: list[tuple]) -> list[dict]:
@@ -291,7 +305,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
     pool = load_checkpoint(pool_path)
     attributes = json.loads(attributes_path.read_text())
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
-    latents = pool["latents"] * pool["scaling"]
+    latents = pool["latents"].to(args.device) * pool["scaling"]
 
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -300,9 +314,8 @@ def train_denoiser(pipe, work: Path, args) -> None:
         copy.deepcopy(unet).requires_grad_(False),
         copy.deepcopy(text_encoder).requires_grad_(False),
     )
-    generator = torch.Generator().manual_seed(0)
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
-    step, history = resume_denoiser(ckpt, {**modules, "optimizer": optimizer}, generator)
+    step, history, machines = resume_denoiser(ckpt, {**modules, "optimizer": optimizer}, args.device)
     objective = {
         "prediction_type": pipe.scheduler.config.prediction_type,
         "snr_gamma": args.snr_gamma,
@@ -315,11 +328,13 @@ def train_denoiser(pipe, work: Path, args) -> None:
     unet.train()
     text_encoder.train()
     losses, start = [], time.time()
+    generator = torch.Generator(args.device)
     while step < args.steps:
-        rng = random.Random(step)
-        index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
-        captions = ["" if rng.random() < 0.1 else parts_caption(attributes[i], rng) for i in index]
-        ids = tokenize(tokenizer, captions)
+        # Each step's draws depend on the step alone: a resumed run needs no random state from its checkpoint.
+        rng, generator = random.Random(step), generator.manual_seed(step)
+        index = torch.randint(0, len(latents), (args.batch_size,), generator=generator, device=args.device)
+        captions = ["" if rng.random() < 0.1 else parts_caption(attributes[i], rng) for i in index.tolist()]
+        ids = tokenize(tokenizer, captions).to(args.device)
         set_denoiser_lr(optimizer, args, step)
         loss = denoising_loss(
             unet,
@@ -353,9 +368,9 @@ def train_denoiser(pipe, work: Path, args) -> None:
                     "ema_unet": ema_unet.state_dict(),
                     "ema_text": ema_text.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
                     "step": step,
                     "objectives": history,
+                    "machines": machines,
                 },
                 ckpt,
             )
@@ -385,13 +400,13 @@ How it was made: `python scripts/pretrain_tiny_sd.py` (from the lora_nb reposito
 {decoder_steps} more, small parts weighted up, as SD's ft-MSE decoders were made: the latents stay the
 same), then the UNet and the text encoder together for {steps} steps (batch {batch}, AdamW, 10% empty
 captions for classifier-free guidance, EMA {ema}) on a pool of {pool} captioned parts images
-({objectives}); this export uses the EMA weights. The UNet predicts the velocity v, as SD
-2.x's does (SD 1.5's predicts the noise): the first 10 750 steps predicted the noise, and that model drew
-every object where the starting noise put it, whatever position word the prompt had
-(`lora_nb/course/tiny.py` says why); multi-resolution noise hides the trace of the layout that SD's
-schedule leaves at its noisiest step. It has never seen the creatures' composition or caption language
-("a drawing of a blue creature with red eyes and round ears") nor the DreamBooth subject (an orange star
-with a purple dot): those are what the course's LoRAs teach.
+({objectives}); this export uses the EMA weights. Where each stage ran: {machines}.
+The UNet predicts the velocity v, as SD 2.x's does (SD 1.5's predicts the noise): the first 10 750 steps
+predicted the noise, and that model drew every object where the starting noise put it, whatever position
+word the prompt had (`lora_nb/course/tiny.py` says why); multi-resolution noise hides the trace of the
+layout that SD's schedule leaves at its noisiest step. It has never seen the creatures' composition or
+caption language ("a drawing of a blue creature with red eyes and round ears") nor the DreamBooth subject
+(an orange star with a purple dot): those are what the course's LoRAs teach.
 """
 
 
@@ -408,8 +423,27 @@ def load_final_vae(pipe, work: Path) -> dict[str, int]:
     return steps
 
 
+STAGE_CHECKPOINTS = {"vae": "vae.pt", "decoder": "decoder.pt", "unet": "denoiser.pt"}
+
+
+def stage_machines(work: Path) -> dict[str, list[str]]:
+    """Per stage that has a checkpoint in `work`, the machines it ran on."""
+    return {
+        stage: load_checkpoint(work / name).get("machines", ["CPU"])
+        for stage, name in STAGE_CHECKPOINTS.items()
+        if (work / name).exists()
+    }
+
+
+def describe_machines(machines: dict[str, list[str]]) -> str:
+    """For the card: 'the VAE on CPU; its decoder on CPU; the UNet and the text encoder on CPU, ...'."""
+    names = {"vae": "the VAE", "decoder": "its decoder", "unet": "the UNet and the text encoder"}
+    return "; ".join(f"{names[stage]} on {', '.join(ran_on)}" for stage, ran_on in machines.items())
+
+
 def export(pipe, work: Path, out: Path, args) -> None:
-    state = load_checkpoint(work / "denoiser.pt")
+    pipe.to("cpu")  # saved from the CPU, whichever device trained it
+    state, machines = load_checkpoint(work / "denoiser.pt"), stage_machines(work)
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
     vae_steps = load_final_vae(pipe, work)
@@ -440,10 +474,12 @@ def export(pipe, work: Path, out: Path, args) -> None:
             objectives=describe_objectives(state.get("objectives", [FIRST_OBJECTIVE]), state["step"]),
             ema=args.ema_decay,
             pool=len(pool["latents"]),
+            machines=describe_machines(machines),
         )
     )
     card.data.library_name = "diffusers"
     card.data.pretrain_steps = {**vae_steps, "unet": state["step"]}  # read back by --init-from
+    card.data.pretrain_machines = machines  # and this
     card.data.pretrain_objectives = state.get("objectives", [FIRST_OBJECTIVE])
     card.data.tags = ["stable-diffusion", "text-to-image", "tiny", "lora_nb"]
     card.save(tmp / "README.md")
@@ -462,11 +498,13 @@ def swap_into(tmp: Path, out: Path) -> None:
 
 def export_vae(pipe, work: Path, out: Path) -> None:
     """Export the VAE alone (before the UNet stage has a checkpoint), so --init-from can continue it."""
+    pipe.to("cpu")
     steps = load_final_vae(pipe, work)
     tmp = out.with_name(out.name + ".tmp")
     pipe.vae.save_pretrained(tmp / "vae")
     card = ModelCard(f"# tiny-sd in pretraining: the VAE after {steps} steps (no UNet yet)\n")
     card.data.pretrain_steps = steps
+    card.data.pretrain_machines = stage_machines(work)
     card.save(tmp / "README.md")
     swap_into(tmp, out)
     print(f"exported the VAE at steps {steps} to {out}")
@@ -484,10 +522,14 @@ def seed_from_export(export: Path, work: Path) -> None:
     steps = card.get("pretrain_steps")
     if not steps:
         raise ValueError(f"{export}/README.md records no pretrain_steps: not an export of this script")
+    machines = {stage: ["CPU"] for stage in steps} | dict(card.get("pretrain_machines") or {})
     vae = AutoencoderKL.from_pretrained(export / "vae").state_dict()
-    save_atomically({"vae": vae, "step": steps["vae"]}, work / "vae.pt")  # the encoder is what matters here
+    seeded_vae = {"vae": vae, "step": steps["vae"], "machines": machines["vae"]}
+    save_atomically(seeded_vae, work / "vae.pt")  # the encoder is what matters here
     if "decoder" in steps:
-        save_atomically({"vae": vae, "step": steps["decoder"]}, work / "decoder.pt")
+        save_atomically(
+            {**seeded_vae, "step": steps["decoder"], "machines": machines["decoder"]}, work / "decoder.pt"
+        )
     if "unet" not in steps:  # a VAE-only export (export_vae): the UNet stage starts from scratch
         print(f"seeded {work} from {export}: VAE step {steps['vae']}")
         return
@@ -501,6 +543,7 @@ def seed_from_export(export: Path, work: Path) -> None:
             "ema_text": text,
             "step": steps["unet"],
             "objectives": card.get("pretrain_objectives", [FIRST_OBJECTIVE]),
+            "machines": machines["unet"],
         },
         work / "denoiser.pt",
     )
@@ -552,6 +595,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch threads (one runs best beside other work on 2 cores)"
     )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to train: cpu, cuda, cuda:1, ... (default: a GPU if there is one); the card says which",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -559,7 +607,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.work / "vae.pt").exists():
         seed_from_export(args.init_from, args.work)
-    pipe = build_untrained_pipeline(seed=0)
+    pipe = build_untrained_pipeline(seed=0).to(args.device)
     if args.decoder_only:
         return train_decoder(pipe, args.work, args)
     if not args.export_only:

@@ -54,6 +54,46 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
     assert steps_of(tmp_path / "more") == {"vae": 2, "decoder": 2, "unet": 3}
 
 
+def test_the_card_says_where_each_stage_ran_and_a_continuation_elsewhere_adds_its_machine(tmp_path):
+    stages = ["--vae-steps", 1, "--decoder-steps", 1, "--checkpoint-every", 1, "--device", "cpu"]
+    pretrain("--work", tmp_path / "work", "--out", tmp_path / "export", *stages, "--steps", 1)
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    cpu_only = {"vae": ["CPU"], "decoder": ["CPU"], "unet": ["CPU"]}
+    assert card.data.pretrain_machines == cpu_only
+    assert (
+        "Where each stage ran: the VAE on CPU; its decoder on CPU; the UNet and the text encoder on CPU."
+        in (card.text)
+    )
+    # As if the UNet's first step had run on a GPU: a CPU continuation from that export names both.
+    card.data.pretrain_machines = {**cpu_only, "unet": ["NVIDIA H100 80GB HBM3"]}
+    card.save(tmp_path / "export" / "README.md")
+    pretrain(
+        "--work",
+        tmp_path / "fresh",
+        "--out",
+        tmp_path / "more",
+        *stages,
+        "--steps",
+        2,
+        "--init-from",
+        tmp_path / "export",
+    )
+    continued = ModelCard.load(tmp_path / "more" / "README.md")
+    assert continued.data.pretrain_machines == {**cpu_only, "unet": ["CPU", "NVIDIA H100 80GB HBM3"]}
+    assert "the UNet and the text encoder on CPU, NVIDIA H100 80GB HBM3." in continued.text
+
+
+def test_a_resumed_unet_stage_trains_as_an_unbroken_one(tmp_path):
+    stages = ["--vae-steps", 1, "--decoder-steps", 0, "--checkpoint-every", 1, "--device", "cpu"]
+    pretrain("--work", tmp_path / "straight", "--out", tmp_path / "a", *stages, "--steps", 2)
+    pretrain("--work", tmp_path / "resumed", "--out", tmp_path / "b", *stages, "--steps", 1)
+    pretrain("--work", tmp_path / "resumed", "--out", tmp_path / "b", *stages, "--steps", 2)
+    straight, resumed = (torch.load(tmp_path / w / "denoiser.pt") for w in ("straight", "resumed"))
+    assert straight["step"] == resumed["step"] == 2
+    for key in ("unet", "text_encoder", "ema_unet"):
+        assert all(torch.equal(straight[key][k], resumed[key][k]) for k in straight[key]), key
+
+
 def test_the_unet_learning_rate_holds_then_cools_down_to_a_tenth():
     script = load_script("pretrain_tiny_sd")
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
