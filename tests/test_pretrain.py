@@ -25,7 +25,7 @@ def steps_of(export: Path) -> dict:
 
 
 def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
-    stages = ["--vae-steps", 2, "--decoder-steps", 2, "--checkpoint-every", 1]
+    stages = ["--vae-steps", 2, "--decoder-steps", 2, "--checkpoint-every", 1, "--device", "cpu"]
     pretrain("--work", tmp_path / "work", "--out", tmp_path / "export", *stages, "--steps", 2)
     assert {p.name for p in (tmp_path / "work").iterdir()} >= {
         "vae.pt",
@@ -39,7 +39,18 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export")
     logvar = pipe.vae.quant_conv.bias[pipe.vae.config.latent_channels :]
     assert torch.equal(logvar, torch.full_like(logvar, -12.0))  # the posterior as it ships: deterministic
-    # On a machine without the checkpoints, the export is enough to go on with the UNet stage.
+    # The card says where each stage ran.
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    cpu_only = {"vae": ["CPU"], "decoder": ["CPU"], "unet": ["CPU"]}
+    assert card.data.pretrain_machines == cpu_only
+    assert (
+        "Where each stage ran: the VAE on CPU; its decoder on CPU; the UNet and the text encoder on CPU."
+        in (card.text)
+    )
+    # On a machine without the checkpoints, the export is enough to go on with the UNet stage; had the UNet's
+    # first steps run on a GPU, the continuation's card names both machines.
+    card.data.pretrain_machines = {**cpu_only, "unet": ["NVIDIA H100 80GB HBM3"]}
+    card.save(tmp_path / "export" / "README.md")
     pretrain(
         "--work",
         tmp_path / "fresh",
@@ -52,32 +63,6 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
         tmp_path / "export",
     )
     assert steps_of(tmp_path / "more") == {"vae": 2, "decoder": 2, "unet": 3}
-
-
-def test_the_card_says_where_each_stage_ran_and_a_continuation_elsewhere_adds_its_machine(tmp_path):
-    stages = ["--vae-steps", 1, "--decoder-steps", 1, "--checkpoint-every", 1, "--device", "cpu"]
-    pretrain("--work", tmp_path / "work", "--out", tmp_path / "export", *stages, "--steps", 1)
-    card = ModelCard.load(tmp_path / "export" / "README.md")
-    cpu_only = {"vae": ["CPU"], "decoder": ["CPU"], "unet": ["CPU"]}
-    assert card.data.pretrain_machines == cpu_only
-    assert (
-        "Where each stage ran: the VAE on CPU; its decoder on CPU; the UNet and the text encoder on CPU."
-        in (card.text)
-    )
-    # As if the UNet's first step had run on a GPU: a CPU continuation from that export names both.
-    card.data.pretrain_machines = {**cpu_only, "unet": ["NVIDIA H100 80GB HBM3"]}
-    card.save(tmp_path / "export" / "README.md")
-    pretrain(
-        "--work",
-        tmp_path / "fresh",
-        "--out",
-        tmp_path / "more",
-        *stages,
-        "--steps",
-        2,
-        "--init-from",
-        tmp_path / "export",
-    )
     continued = ModelCard.load(tmp_path / "more" / "README.md")
     assert continued.data.pretrain_machines == {**cpu_only, "unet": ["CPU", "NVIDIA H100 80GB HBM3"]}
     assert "the UNet and the text encoder on CPU, NVIDIA H100 80GB HBM3." in continued.text
