@@ -296,17 +296,22 @@ def ema_start(history: list[dict]) -> int:
     return changes[-1] if changes else 0
 
 
-def train_denoiser(pipe, work: Path, args) -> None:
-    pool_path, attributes_path, ckpt = work / "pool.pt", work / "pool-attributes.json", work / "denoiser.pt"
+def load_pool(pipe, work: Path, args) -> tuple[torch.Tensor, list[dict]]:
+    """The pool's latents, scaled to unit variance and on `args.device`, and their attributes: encoded once
+    into `work`, read from there after. The VAE's config takes the pool's scaling factor."""
+    pool_path, attributes_path = work / "pool.pt", work / "pool-attributes.json"
     if not pool_path.exists():
         latents, attributes, scaling = encode_pool(pipe, args.pool_size)
         attributes_path.write_text(json.dumps(attributes))
         save_atomically({"latents": latents, "scaling": scaling}, pool_path)
     pool = load_checkpoint(pool_path)
-    attributes = json.loads(attributes_path.read_text())
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
-    latents = pool["latents"].to(args.device) * pool["scaling"]
+    return pool["latents"].to(args.device) * pool["scaling"], json.loads(attributes_path.read_text())
 
+
+def train_denoiser(pipe, work: Path, args) -> None:
+    ckpt = work / "denoiser.pt"
+    latents, attributes = load_pool(pipe, work, args)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -361,19 +366,14 @@ def train_denoiser(pipe, work: Path, args) -> None:
             )
             losses, start = [], time.time()
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_atomically(
-                {
-                    "unet": unet.state_dict(),
-                    "text_encoder": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "objectives": history,
-                    "machines": machines,
-                },
-                ckpt,
-            )
+            weights = {key: module.state_dict() for key, module in modules.items()}
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "objectives": history,
+                "machines": machines,
+            }
+            save_atomically({**weights, **state}, ckpt)
 
 
 CARD = """\
