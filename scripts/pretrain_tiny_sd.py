@@ -10,6 +10,8 @@ UNet and the text encoder learn together to denoise latents of captioned parts i
 subject never reach stage two: they are what the course's LoRAs teach. Checkpoints (tensors and plain
 values only, loaded with `weights_only=True`) are written atomically every `--checkpoint-every` steps, so
 the run can be stopped and resumed at any time; the exported pipeline uses the EMA of the weights.
+A larger `--vae-steps` continues the VAE stage: its encoder changes, so the decoder stage starts again on the
+new latents, the pool is encoded again, and the UNet stage goes on with them (its average restarting).
 """
 
 from __future__ import annotations
@@ -80,21 +82,35 @@ def machines_so_far(state: dict | None, device: str) -> list[str]:
     return sorted({*earlier, machine(device)})
 
 
-def resume_vae_stage(ckpt: Path, vae, optimizer, device: str) -> tuple[int, list[str]]:
-    """Load a VAE stage's checkpoint (the optimiser too, unless it was seeded from an export by --init-from)
-    and return its step (0 when there is none) and the machines it will have run on."""
-    if not ckpt.exists():
+def resume_vae_stage(state: dict | None, vae, optimizer, device: str) -> tuple[int, list[str]]:
+    """Load a VAE stage's checkpoint `state` (the optimiser too, unless it was seeded from an export by
+    --init-from) and return its step (0 without one) and the machines the stage will have run on."""
+    if state is None:
         return 0, machines_so_far(None, device)
-    state = load_checkpoint(ckpt)
     vae.load_state_dict(state["vae"])
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     return state["step"], machines_so_far(state, device)
 
 
-def save_vae_stage(ckpt: Path, vae, optimizer, step: int, machines: list[str]) -> None:
+def save_vae_stage(ckpt: Path, vae, optimizer, step: int, machines: list[str], **extra) -> None:
     state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "machines": machines}
-    save_atomically(state, ckpt)
+    save_atomically({**state, **extra}, ckpt)
+
+
+def vae_step(work: Path) -> int:
+    """The VAE stage's step: which encoder, so which latents, everything after it was made with."""
+    return load_checkpoint(work / "vae.pt")["step"]
+
+
+def fitted_decoder(work: Path) -> dict | None:
+    """The decoder stage's checkpoint, if it was fitted to the VAE stage's current encoder: None when there is
+    none, or when the VAE stage has gone on since (its encoder changed, so the latents the decoder knows)."""
+    path = work / "decoder.pt"
+    if not path.exists():
+        return None
+    state, current = load_checkpoint(path), vae_step(work)
+    return state if state.get("encoder_step", current) == current else None
 
 
 def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
@@ -124,7 +140,8 @@ def train_vae(pipe, work: Path, args) -> None:
     ckpt = work / "vae.pt"
     vae = pipe.vae
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step, machines = resume_vae_stage(ckpt, vae, optimizer, args.device)
+    state = load_checkpoint(ckpt) if ckpt.exists() else None
+    step, machines = resume_vae_stage(state, vae, optimizer, args.device)
     if step == 0:
         # Start from a near-deterministic posterior (std e^-4): at logvar 0 the sampled latents are so noisy
         # that the decoder learns to paint every body the data set's mean brown. The KL term's weight is
@@ -182,11 +199,14 @@ def train_decoder(pipe, work: Path, args) -> None:
     """Fine-tune the VAE's decoder alone, as SD's ft-MSE VAE decoders were made: the encoder, and so the
     latents the UNet learns from, stay as they are, so this stage can run before, beside or after the
     UNet's."""
-    ckpt, vae = work / "decoder.pt", pipe.vae
+    ckpt, vae, encoder_step = work / "decoder.pt", pipe.vae, vae_step(work)
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    step, machines = resume_vae_stage(ckpt, vae, optimizer, args.device)
+    fitted = fitted_decoder(work)
+    if fitted is None and ckpt.exists():
+        print(f"the VAE stage went on to step {encoder_step}: the decoder stage starts again", flush=True)
+    step, machines = resume_vae_stage(fitted, vae, optimizer, args.device)
     make_posterior_deterministic(vae)  # not trained here: the decoder learns from the means
     vae.requires_grad_(False).eval()
     for p in params:
@@ -210,7 +230,7 @@ def train_decoder(pipe, work: Path, args) -> None:
             print(f"decoder step {step} mse {mse:.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.decoder_steps:
-            save_vae_stage(ckpt, vae, optimizer, step, machines)
+            save_vae_stage(ckpt, vae, optimizer, step, machines, encoder_step=encoder_step)
     vae.requires_grad_(False)
 
 
@@ -234,8 +254,9 @@ def encode_pool(pipe, size: int, batch_size: int = 256) -> tuple[torch.Tensor, l
 # checkpoint's "objectives" lists each change since (target, loss weighting, noise, learning rate), from the
 # step it took effect.
 FIRST_OBJECTIVE = {"from_step": 0, "prediction_type": "epsilon", "snr_gamma": 5.0, "multires_discount": 0.0}
-# What an entry recorded before these keys existed trained with: the shipped model's first 25 000 steps.
-EARLIER_DEFAULTS = {"lr": 1e-3, "cooldown_from": None}
+# What an entry recorded before these keys existed trained with: the shipped model's first 25 000 steps, on
+# the latents of the VAE stage's step 4000.
+EARLIER_DEFAULTS = {"lr": 1e-3, "cooldown_from": None, "vae_step": 4000}
 
 
 def with_earlier_defaults(entry: dict) -> dict:
@@ -244,7 +265,9 @@ def with_earlier_defaults(entry: dict) -> dict:
 
 def describe_objectives(history: list[dict], steps: int) -> str:
     """'steps 0-10750: epsilon target, Min-SNR 5, Gaussian noise, lr 0.001; ...' for the model card."""
+    history = list(map(with_earlier_defaults, history))
     ends = [h["from_step"] for h in history[1:]] + [steps]
+    latents_changed = [False] + [a["vae_step"] != b["vae_step"] for a, b in itertools.pairwise(history)]
     return "; ".join(
         f"steps {h['from_step']}-{end}: {h['prediction_type'].replace('_', '-')} target, "
         + (f"Min-SNR {h['snr_gamma']:g}" if h["snr_gamma"] else "unweighted loss")
@@ -256,7 +279,8 @@ def describe_objectives(history: list[dict], steps: int) -> str:
             if h["cooldown_from"] is not None
             else ""
         )
-        for h, end in zip(map(with_earlier_defaults, history), ends)
+        + (f", on the latents of the VAE at step {h['vae_step']}" if changed else "")
+        for h, end, changed in zip(history, ends, latents_changed, strict=True)
     )
 
 
@@ -272,39 +296,46 @@ def resume_denoiser(ckpt: Path, modules: dict, device: str) -> tuple[int, list[d
     return state["step"], state.get("objectives", [FIRST_OBJECTIVE]), machines_so_far(state, device)
 
 
+def restarts_average(before: dict, after: dict) -> bool:
+    """Whether the EMA starts again between two objectives: an average of weights trained for two targets, or
+    on two VAEs' latents, predicts neither."""
+    before, after = with_earlier_defaults(before), with_earlier_defaults(after)
+    return any(before[key] != after[key] for key in ("prediction_type", "vae_step"))
+
+
 def adopt_objective(history: list[dict], objective: dict, step: int, averages: list[tuple]) -> list[dict]:
-    """The objectives with `objective` from `step` on, where it is new. When the target changes, each EMA
-    copy in `averages` ((ema, model) pairs) starts again from its model: an average of weights trained for
-    two targets predicts neither."""
+    """The objectives with `objective` from `step` on, where it is new. Where the average restarts, each EMA
+    copy in `averages` ((ema, model) pairs) starts again from its model."""
     if (
         history
         and {k: v for k, v in with_earlier_defaults(history[-1]).items() if k != "from_step"} == objective
     ):
         return history
     print(f"step {step}: the objective is now {objective}", flush=True)
-    if history and history[-1]["prediction_type"] != objective["prediction_type"]:
+    if history and restarts_average(history[-1], objective):
         for ema, model in averages:
             ema.load_state_dict(model.state_dict())
     return [*history, {"from_step": step, **objective}]
 
 
 def ema_start(history: list[dict]) -> int:
-    """The step the EMA last started from: where the prediction target last changed."""
-    changes = [
-        b["from_step"] for a, b in itertools.pairwise(history) if a["prediction_type"] != b["prediction_type"]
-    ]
+    """The step the EMA last started from: where the prediction target or the latents last changed."""
+    changes = [b["from_step"] for a, b in itertools.pairwise(history) if restarts_average(a, b)]
     return changes[-1] if changes else 0
 
 
 def load_pool(pipe, work: Path, args) -> tuple[torch.Tensor, list[dict]]:
-    """The pool's latents, scaled to unit variance and on `args.device`, and their attributes: encoded once
-    into `work`, read from there after. The VAE's config takes the pool's scaling factor."""
+    """The pool's latents, scaled to unit variance and on `args.device`, and their attributes: encoded into
+    `work` by `pipe`'s VAE, and again whenever the VAE stage has gone on since. The VAE's config takes the
+    pool's scaling factor."""
     pool_path, attributes_path = work / "pool.pt", work / "pool-attributes.json"
-    if not pool_path.exists():
+    encoder_step = vae_step(work)
+    pool = load_checkpoint(pool_path) if pool_path.exists() else None
+    if pool is None or pool.get("vae_step") != encoder_step:
         latents, attributes, scaling = encode_pool(pipe, args.pool_size)
         attributes_path.write_text(json.dumps(attributes))
-        save_atomically({"latents": latents, "scaling": scaling}, pool_path)
-    pool = load_checkpoint(pool_path)
+        pool = {"latents": latents, "scaling": scaling, "vae_step": encoder_step}
+        save_atomically(pool, pool_path)
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
     return pool["latents"].to(args.device) * pool["scaling"], json.loads(attributes_path.read_text())
 
@@ -327,6 +358,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
         "multires_discount": args.multires_discount,
         "lr": args.lr,
         "cooldown_from": args.cooldown_from,
+        "vae_step": vae_step(work),
     }
     history = adopt_objective(history, objective, step, [(ema_unet, unet), (ema_text, text_encoder)])
     averaged_from = ema_start(history)
@@ -411,28 +443,23 @@ caption language ("a drawing of a blue creature with red eyes and round ears") n
 
 
 def load_final_vae(pipe, work: Path) -> dict[str, int]:
-    """Put the VAE as it ships into `pipe` (its decoder fine-tuned once that stage has a checkpoint) and
-    return the steps of each VAE stage, for the model card."""
-    steps = {"vae": load_checkpoint(work / "vae.pt")["step"]}
-    final = work / "decoder.pt" if (work / "decoder.pt").exists() else work / "vae.pt"
-    state = load_checkpoint(final)
-    pipe.vae.load_state_dict(state["vae"])
+    """Put the VAE as it ships into `pipe` (its decoder fine-tuned where that stage has a checkpoint fitted to
+    the current encoder) and return the steps of each VAE stage, for the model card."""
+    steps = {"vae": vae_step(work)}
+    decoder = fitted_decoder(work)
+    pipe.vae.load_state_dict((decoder or load_checkpoint(work / "vae.pt"))["vae"])
     make_posterior_deterministic(pipe.vae)
-    if final.name == "decoder.pt":
-        steps["decoder"] = state["step"]
+    if decoder is not None:
+        steps["decoder"] = decoder["step"]
     return steps
 
 
-STAGE_CHECKPOINTS = {"vae": "vae.pt", "decoder": "decoder.pt", "unet": "denoiser.pt"}
-
-
 def stage_machines(work: Path) -> dict[str, list[str]]:
-    """Per stage that has a checkpoint in `work`, the machines it ran on."""
-    return {
-        stage: load_checkpoint(work / name).get("machines", ["CPU"])
-        for stage, name in STAGE_CHECKPOINTS.items()
-        if (work / name).exists()
-    }
+    """The machines each stage the export has ran on (the decoder's where it is fitted to the encoder)."""
+    states = {"vae": load_checkpoint(work / "vae.pt"), "decoder": fitted_decoder(work)}
+    if (work / "denoiser.pt").exists():
+        states["unet"] = load_checkpoint(work / "denoiser.pt")
+    return {stage: state.get("machines", ["CPU"]) for stage, state in states.items() if state is not None}
 
 
 def describe_machines(machines: dict[str, list[str]]) -> str:
@@ -527,9 +554,8 @@ def seed_from_export(export: Path, work: Path) -> None:
     seeded_vae = {"vae": vae, "step": steps["vae"], "machines": machines["vae"]}
     save_atomically(seeded_vae, work / "vae.pt")  # the encoder is what matters here
     if "decoder" in steps:
-        save_atomically(
-            {**seeded_vae, "step": steps["decoder"], "machines": machines["decoder"]}, work / "decoder.pt"
-        )
+        decoder = {**seeded_vae, "step": steps["decoder"], "machines": machines["decoder"]}
+        save_atomically({**decoder, "encoder_step": steps["vae"]}, work / "decoder.pt")
     if "unet" not in steps:  # a VAE-only export (export_vae): the UNet stage starts from scratch
         print(f"seeded {work} from {export}: VAE step {steps['vae']}")
         return

@@ -68,6 +68,24 @@ def test_pretraining_exports_a_pipeline_and_continues_from_its_export(tmp_path):
     assert "the UNet and the text encoder on CPU, NVIDIA H100 80GB HBM3." in continued.text
 
 
+def test_a_longer_vae_stage_refits_the_decoder_and_re_encodes_the_pool_for_the_unet(tmp_path):
+    work, export = tmp_path / "work", tmp_path / "export"
+    tiny = ["--work", work, "--out", export, "--decoder-steps", 1, "--checkpoint-every", 1, "--device", "cpu"]
+    pretrain(*tiny, "--vae-steps", 1, "--steps", 1)
+    pretrain(
+        *tiny, "--vae-steps", 2, "--steps", 2
+    )  # the VAE stage goes on: its encoder, so the latents, change
+    encoder = torch.load(work / "vae.pt")["vae"]
+    shipped = StableDiffusionPipeline.from_pretrained(export).vae.state_dict()
+    assert all(torch.equal(shipped[k], v) for k, v in encoder.items() if k.startswith("encoder."))
+    assert torch.load(work / "decoder.pt")["encoder_step"] == 2
+    assert torch.load(work / "pool.pt")["vae_step"] == 2
+    card = ModelCard.load(export / "README.md").data
+    assert card.pretrain_steps == {"vae": 2, "decoder": 1, "unet": 2}
+    assert [entry["vae_step"] for entry in card.pretrain_objectives] == [1, 2]
+    assert card.pretrain_objectives[1]["from_step"] == 1
+
+
 def test_a_resumed_unet_stage_trains_as_an_unbroken_one(tmp_path):
     stages = ["--vae-steps", 1, "--decoder-steps", 0, "--checkpoint-every", 1, "--device", "cpu"]
     pretrain("--work", tmp_path / "straight", "--out", tmp_path / "a", *stages, "--steps", 2)
