@@ -71,8 +71,9 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def machine(device: str) -> str:
-    """The name the model card gives the machine a stage ran on: "CPU" or the GPU's own name."""
-    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+    """The name the model card gives the machine a stage ran on: a GPU's own name, else "CPU", "MPS", ..."""
+    kind = torch.device(device).type
+    return torch.cuda.get_device_name(device) if kind == "cuda" else kind.upper()
 
 
 def machines_so_far(state: dict | None, device: str) -> list[str]:
@@ -93,9 +94,9 @@ def resume_vae_stage(state: dict | None, vae, optimizer, device: str) -> tuple[i
     return state["step"], machines_so_far(state, device)
 
 
-def save_vae_stage(ckpt: Path, vae, optimizer, step: int, machines: list[str], **extra) -> None:
+def save_vae_stage(ckpt: Path, vae, optimizer, step: int, machines: list[str]) -> None:
     state = {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "machines": machines}
-    save_atomically({**state, **extra}, ckpt)
+    save_atomically(state, ckpt)
 
 
 def vae_step(work: Path) -> int:
@@ -105,12 +106,15 @@ def vae_step(work: Path) -> int:
 
 def fitted_decoder(work: Path) -> dict | None:
     """The decoder stage's checkpoint, if it was fitted to the VAE stage's current encoder: None when there is
-    none, or when the VAE stage has gone on since (its encoder changed, so the latents the decoder knows)."""
+    none, or when the VAE stage has gone on since (its encoder changed, so the latents the decoder knows).
+    The decoder stage never trains the encoder, so the two checkpoints' encoders are equal exactly when the
+    decoder belongs to this one."""
     path = work / "decoder.pt"
     if not path.exists():
         return None
-    state, current = load_checkpoint(path), vae_step(work)
-    return state if state.get("encoder_step", current) == current else None
+    state, encoder = load_checkpoint(path), load_checkpoint(work / "vae.pt")["vae"]
+    same = all(torch.equal(state["vae"][k], v) for k, v in encoder.items() if k.startswith("encoder."))
+    return state if same else None
 
 
 def set_cosine_lr(optimizer, peak: float, step: int, steps: int) -> None:
@@ -199,13 +203,13 @@ def train_decoder(pipe, work: Path, args) -> None:
     """Fine-tune the VAE's decoder alone, as SD's ft-MSE VAE decoders were made: the encoder, and so the
     latents the UNet learns from, stay as they are, so this stage can run before, beside or after the
     UNet's."""
-    ckpt, vae, encoder_step = work / "decoder.pt", pipe.vae, vae_step(work)
+    ckpt, vae, first_draw = work / "decoder.pt", pipe.vae, vae_step(work)
     vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     fitted = fitted_decoder(work)
     if fitted is None and ckpt.exists():
-        print(f"the VAE stage went on to step {encoder_step}: the decoder stage starts again", flush=True)
+        print(f"the VAE stage went on to step {first_draw}: the decoder stage starts again", flush=True)
     step, machines = resume_vae_stage(fitted, vae, optimizer, args.device)
     make_posterior_deterministic(vae)  # not trained here: the decoder learns from the means
     vae.requires_grad_(False).eval()
@@ -214,7 +218,7 @@ def train_decoder(pipe, work: Path, args) -> None:
     start = time.time()
     while step < args.decoder_steps:
         set_cosine_lr(optimizer, args.decoder_lr, step, args.decoder_steps)
-        images = vae_batch(args.vae_steps + step, args.vae_batch_size)  # draws the VAE stage never saw
+        images = vae_batch(first_draw + step, args.vae_batch_size)  # draws the VAE stage never saw
         images = images.to(args.device)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
@@ -230,7 +234,7 @@ def train_decoder(pipe, work: Path, args) -> None:
             print(f"decoder step {step} mse {mse:.5f} ({(time.time() - start) / 50:.2f} s/step)", flush=True)
             start = time.time()
         if step % args.checkpoint_every == 0 or step == args.decoder_steps:
-            save_vae_stage(ckpt, vae, optimizer, step, machines, encoder_step=encoder_step)
+            save_vae_stage(ckpt, vae, optimizer, step, machines)
     vae.requires_grad_(False)
 
 
@@ -326,13 +330,14 @@ def ema_start(history: list[dict]) -> int:
 
 def load_pool(pipe, work: Path, args) -> tuple[torch.Tensor, list[dict]]:
     """The pool's latents, scaled to unit variance and on `args.device`, and their attributes: encoded into
-    `work` by `pipe`'s VAE, and again whenever the VAE stage has gone on since. The VAE's config takes the
-    pool's scaling factor."""
+    `work` by `pipe`'s VAE, and again (as many images) whenever the VAE stage has gone on since. The VAE's
+    config takes the pool's scaling factor."""
     pool_path, attributes_path = work / "pool.pt", work / "pool-attributes.json"
     encoder_step = vae_step(work)
     pool = load_checkpoint(pool_path) if pool_path.exists() else None
-    if pool is None or pool.get("vae_step") != encoder_step:
-        latents, attributes, scaling = encode_pool(pipe, args.pool_size)
+    if pool is None or pool.get("vae_step", EARLIER_DEFAULTS["vae_step"]) != encoder_step:
+        size = args.pool_size if pool is None else len(pool["latents"])
+        latents, attributes, scaling = encode_pool(pipe, size)
         attributes_path.write_text(json.dumps(attributes))
         pool = {"latents": latents, "scaling": scaling, "vae_step": encoder_step}
         save_atomically(pool, pool_path)
@@ -471,6 +476,13 @@ def describe_machines(machines: dict[str, list[str]]) -> str:
 def export(pipe, work: Path, out: Path, args) -> None:
     pipe.to("cpu")  # saved from the CPU, whichever device trained it
     state, machines = load_checkpoint(work / "denoiser.pt"), stage_machines(work)
+    learned_from = with_earlier_defaults(state.get("objectives", [FIRST_OBJECTIVE])[-1])["vae_step"]
+    if learned_from != vae_step(work):
+        raise SystemExit(
+            f"the UNet (step {state['step']}) has learned the latents of the VAE at step {learned_from}, "
+            f"but the VAE stage is at step {vae_step(work)}: continue the UNet stage on its latents first "
+            f"(--steps above {state['step']})"
+        )
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
     vae_steps = load_final_vae(pipe, work)
@@ -555,7 +567,7 @@ def seed_from_export(export: Path, work: Path) -> None:
     save_atomically(seeded_vae, work / "vae.pt")  # the encoder is what matters here
     if "decoder" in steps:
         decoder = {**seeded_vae, "step": steps["decoder"], "machines": machines["decoder"]}
-        save_atomically({**decoder, "encoder_step": steps["vae"]}, work / "decoder.pt")
+        save_atomically(decoder, work / "decoder.pt")
     if "unet" not in steps:  # a VAE-only export (export_vae): the UNet stage starts from scratch
         print(f"seeded {work} from {export}: VAE step {steps['vae']}")
         return

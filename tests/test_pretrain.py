@@ -16,8 +16,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_sd.py"
 TINY = ["--vae-batch-size", "2", "--batch-size", "2", "--pool-size", "4", "--warmup", "1", "--threads", "1"]
 
 
-def pretrain(*args) -> None:
-    subprocess.run([sys.executable, str(SCRIPT), *map(str, args), *TINY], check=True, capture_output=True)
+def pretrain(*args, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), *map(str, args), *TINY]
+    return subprocess.run(command, check=check, capture_output=True, text=True)
 
 
 def steps_of(export: Path) -> dict:
@@ -72,18 +73,19 @@ def test_a_longer_vae_stage_refits_the_decoder_and_re_encodes_the_pool_for_the_u
     work, export = tmp_path / "work", tmp_path / "export"
     tiny = ["--work", work, "--out", export, "--decoder-steps", 1, "--checkpoint-every", 1, "--device", "cpu"]
     pretrain(*tiny, "--vae-steps", 1, "--steps", 1)
-    pretrain(
-        *tiny, "--vae-steps", 2, "--steps", 2
-    )  # the VAE stage goes on: its encoder, so the latents, change
+    first_pool = torch.load(work / "pool.pt")["latents"]
+    # The VAE stage goes on, so its encoder and the latents change: a UNet that has not learned them yet
+    # must not ship with it.
+    refused = pretrain(*tiny, "--vae-steps", 2, "--steps", 1, check=False)
+    assert refused.returncode != 0 and "--steps above 1" in refused.stderr
+    pretrain(*tiny, "--vae-steps", 2, "--steps", 2)
     encoder = torch.load(work / "vae.pt")["vae"]
     shipped = StableDiffusionPipeline.from_pretrained(export).vae.state_dict()
     assert all(torch.equal(shipped[k], v) for k, v in encoder.items() if k.startswith("encoder."))
-    assert torch.load(work / "decoder.pt")["encoder_step"] == 2
-    assert torch.load(work / "pool.pt")["vae_step"] == 2
+    assert not torch.equal(torch.load(work / "pool.pt")["latents"], first_pool)  # encoded again
     card = ModelCard.load(export / "README.md").data
-    assert card.pretrain_steps == {"vae": 2, "decoder": 1, "unet": 2}
-    assert [entry["vae_step"] for entry in card.pretrain_objectives] == [1, 2]
-    assert card.pretrain_objectives[1]["from_step"] == 1
+    assert card.pretrain_steps["vae"] == 2 and card.pretrain_steps["unet"] == 2
+    assert [(entry["from_step"], entry["vae_step"]) for entry in card.pretrain_objectives] == [(0, 1), (1, 2)]
 
 
 def test_a_resumed_unet_stage_trains_as_an_unbroken_one(tmp_path):
