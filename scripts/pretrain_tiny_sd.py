@@ -104,15 +104,15 @@ def vae_step(work: Path) -> int:
     return load_checkpoint(work / "vae.pt")["step"]
 
 
-def fitted_decoder(work: Path) -> dict | None:
-    """The decoder stage's checkpoint, if it was fitted to the VAE stage's current encoder: None when there is
-    none, or when the VAE stage has gone on since (its encoder changed, so the latents the decoder knows).
-    The decoder stage never trains the encoder, so the two checkpoints' encoders are equal exactly when the
-    decoder belongs to this one."""
+def fitted_decoder(work: Path, vae_state: dict) -> dict | None:
+    """The decoder stage's checkpoint, if it was fitted to the encoder of `vae_state` (the VAE stage's): None
+    when there is none, or when the VAE stage has gone on since (its encoder changed, so the latents the
+    decoder knows). The decoder stage never trains the encoder, so the two checkpoints' encoders are equal
+    exactly when the decoder belongs to this one."""
     path = work / "decoder.pt"
     if not path.exists():
         return None
-    state, encoder = load_checkpoint(path), load_checkpoint(work / "vae.pt")["vae"]
+    state, encoder = load_checkpoint(path), vae_state["vae"]
     same = all(torch.equal(state["vae"][k], v) for k, v in encoder.items() if k.startswith("encoder."))
     return state if same else None
 
@@ -203,11 +203,12 @@ def train_decoder(pipe, work: Path, args) -> None:
     """Fine-tune the VAE's decoder alone, as SD's ft-MSE VAE decoders were made: the encoder, and so the
     latents the UNet learns from, stay as they are, so this stage can run before, beside or after the
     UNet's."""
-    ckpt, vae, first_draw = work / "decoder.pt", pipe.vae, vae_step(work)
-    vae.load_state_dict(load_checkpoint(work / "vae.pt")["vae"])
+    ckpt, vae, vae_state = work / "decoder.pt", pipe.vae, load_checkpoint(work / "vae.pt")
+    first_draw = vae_state["step"]
+    vae.load_state_dict(vae_state["vae"])
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
-    fitted = fitted_decoder(work)
+    fitted = fitted_decoder(work, vae_state)
     if fitted is None and ckpt.exists():
         print(f"the VAE stage went on to step {first_draw}: the decoder stage starts again", flush=True)
     step, machines = resume_vae_stage(fitted, vae, optimizer, args.device)
@@ -328,12 +329,11 @@ def ema_start(history: list[dict]) -> int:
     return changes[-1] if changes else 0
 
 
-def load_pool(pipe, work: Path, args) -> tuple[torch.Tensor, list[dict]]:
+def load_pool(pipe, work: Path, args, encoder_step: int) -> tuple[torch.Tensor, list[dict]]:
     """The pool's latents, scaled to unit variance and on `args.device`, and their attributes: encoded into
-    `work` by `pipe`'s VAE, and again (as many images) whenever the VAE stage has gone on since. The VAE's
-    config takes the pool's scaling factor."""
+    `work` by `pipe`'s VAE (the VAE stage's at `encoder_step`), and again (as many images) whenever the VAE
+    stage has gone on since. The VAE's config takes the pool's scaling factor."""
     pool_path, attributes_path = work / "pool.pt", work / "pool-attributes.json"
-    encoder_step = vae_step(work)
     pool = load_checkpoint(pool_path) if pool_path.exists() else None
     if pool is None or pool.get("vae_step", EARLIER_DEFAULTS["vae_step"]) != encoder_step:
         size = args.pool_size if pool is None else len(pool["latents"])
@@ -346,8 +346,8 @@ def load_pool(pipe, work: Path, args) -> tuple[torch.Tensor, list[dict]]:
 
 
 def train_denoiser(pipe, work: Path, args) -> None:
-    ckpt = work / "denoiser.pt"
-    latents, attributes = load_pool(pipe, work, args)
+    ckpt, encoder_step = work / "denoiser.pt", vae_step(work)
+    latents, attributes = load_pool(pipe, work, args, encoder_step)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -363,7 +363,7 @@ def train_denoiser(pipe, work: Path, args) -> None:
         "multires_discount": args.multires_discount,
         "lr": args.lr,
         "cooldown_from": args.cooldown_from,
-        "vae_step": vae_step(work),
+        "vae_step": encoder_step,
     }
     history = adopt_objective(history, objective, step, [(ema_unet, unet), (ema_text, text_encoder)])
     averaged_from = ema_start(history)
@@ -447,24 +447,25 @@ caption language ("a drawing of a blue creature with red eyes and round ears") n
 """
 
 
-def load_final_vae(pipe, work: Path) -> dict[str, int]:
+def load_final_vae(pipe, work: Path) -> dict[str, dict]:
     """Put the VAE as it ships into `pipe` (its decoder fine-tuned where that stage has a checkpoint fitted to
-    the current encoder) and return the steps of each VAE stage, for the model card."""
-    steps = {"vae": vae_step(work)}
-    decoder = fitted_decoder(work)
-    pipe.vae.load_state_dict((decoder or load_checkpoint(work / "vae.pt"))["vae"])
-    make_posterior_deterministic(pipe.vae)
+    the current encoder) and return the checkpoint of each VAE stage it comes from, for the model card."""
+    states = {"vae": load_checkpoint(work / "vae.pt")}
+    decoder = fitted_decoder(work, states["vae"])
     if decoder is not None:
-        steps["decoder"] = decoder["step"]
-    return steps
+        states["decoder"] = decoder
+    pipe.vae.load_state_dict((decoder or states["vae"])["vae"])
+    make_posterior_deterministic(pipe.vae)
+    return states
 
 
-def stage_machines(work: Path) -> dict[str, list[str]]:
-    """The machines each stage the export has ran on (the decoder's where it is fitted to the encoder)."""
-    states = {"vae": load_checkpoint(work / "vae.pt"), "decoder": fitted_decoder(work)}
-    if (work / "denoiser.pt").exists():
-        states["unet"] = load_checkpoint(work / "denoiser.pt")
-    return {stage: state.get("machines", ["CPU"]) for stage, state in states.items() if state is not None}
+def stage_steps(states: dict[str, dict]) -> dict[str, int]:
+    return {stage: state["step"] for stage, state in states.items()}
+
+
+def stage_machines(states: dict[str, dict]) -> dict[str, list[str]]:
+    """The machines each stage ran on, from its checkpoint (before they were recorded: a CPU)."""
+    return {stage: state.get("machines", ["CPU"]) for stage, state in states.items()}
 
 
 def describe_machines(machines: dict[str, list[str]]) -> str:
@@ -475,17 +476,18 @@ def describe_machines(machines: dict[str, list[str]]) -> str:
 
 def export(pipe, work: Path, out: Path, args) -> None:
     pipe.to("cpu")  # saved from the CPU, whichever device trained it
-    state, machines = load_checkpoint(work / "denoiser.pt"), stage_machines(work)
+    state = load_checkpoint(work / "denoiser.pt")
+    vae_states = load_final_vae(pipe, work)
     learned_from = with_earlier_defaults(state.get("objectives", [FIRST_OBJECTIVE])[-1])["vae_step"]
-    if learned_from != vae_step(work):
+    if learned_from != vae_states["vae"]["step"]:
         raise SystemExit(
             f"the UNet (step {state['step']}) has learned the latents of the VAE at step {learned_from}, "
-            f"but the VAE stage is at step {vae_step(work)}: continue the UNet stage on its latents first "
-            f"(--steps above {state['step']})"
+            f"but the VAE stage is at step {vae_states['vae']['step']}: continue the UNet stage on its "
+            f"latents first (--steps above {state['step']})"
         )
     pipe.unet.load_state_dict(state["ema_unet"])
     pipe.text_encoder.load_state_dict(state["ema_text"])
-    vae_steps = load_final_vae(pipe, work)
+    vae_steps, machines = stage_steps(vae_states), stage_machines({**vae_states, "unet": state})
     pool = load_checkpoint(work / "pool.pt")
     pipe.vae.register_to_config(scaling_factor=pool["scaling"])
     tmp = out.with_name(out.name + ".tmp")
@@ -538,12 +540,13 @@ def swap_into(tmp: Path, out: Path) -> None:
 def export_vae(pipe, work: Path, out: Path) -> None:
     """Export the VAE alone (before the UNet stage has a checkpoint), so --init-from can continue it."""
     pipe.to("cpu")
-    steps = load_final_vae(pipe, work)
+    states = load_final_vae(pipe, work)
+    steps = stage_steps(states)
     tmp = out.with_name(out.name + ".tmp")
     pipe.vae.save_pretrained(tmp / "vae")
     card = ModelCard(f"# tiny-sd in pretraining: the VAE after {steps} steps (no UNet yet)\n")
     card.data.pretrain_steps = steps
-    card.data.pretrain_machines = stage_machines(work)
+    card.data.pretrain_machines = stage_machines(states)
     card.save(tmp / "README.md")
     swap_into(tmp, out)
     print(f"exported the VAE at steps {steps} to {out}")
