@@ -91,13 +91,15 @@ class LoraAdapter:
 
 
 def lora_state_dict(model: nn.Module, prefix: str = "unet") -> dict[str, torch.Tensor]:
-    """The model's LoRA factors (and DoRA magnitudes) under diffusers' key names."""
+    """The model's LoRA factors (and DoRA magnitudes) under diffusers' key names, packed in memory: after
+    ``model.to(memory_format=torch.channels_last)`` a convolution's factors are not, and safetensors saves
+    only packed tensors."""
     state = {}
     for path, layer in lora_layers(model).items():
-        state[f"{prefix}.{path}.lora_A.weight"] = layer.lora_A.weight.detach()
-        state[f"{prefix}.{path}.lora_B.weight"] = layer.lora_B.weight.detach()
+        state[f"{prefix}.{path}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
+        state[f"{prefix}.{path}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
         if layer.use_dora:
-            state[f"{prefix}.{path}{MAGNITUDE}"] = layer.lora_magnitude_vector.detach()
+            state[f"{prefix}.{path}{MAGNITUDE}"] = layer.lora_magnitude_vector.detach().contiguous()
     return state
 
 

@@ -24,6 +24,7 @@ from lora_nb.formats import (
 from lora_nb.inject import (
     TEXT_ENCODER_ATTENTION,
     UNET_ATTENTION,
+    UNET_CONV,
     UNET_FEED_FORWARD,
     inject_lora,
     lora_layers,
@@ -111,6 +112,24 @@ def test_our_loader_reads_our_file_back_exactly(tmp_path, unet_inputs, token_ids
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     with pytest.raises(ValueError, match="already has LoRA"):
         load_lora_weights(tmp_path / "lora.safetensors", unet=fresh_unet)
+
+
+def test_a_channels_last_model_saves_and_reads_back(tmp_path, unet_inputs):
+    """diffusers' docs suggest ``unet.to(memory_format=torch.channels_last)`` for speed. A convolution's 4-D
+    LoRA factors are then not contiguous, and safetensors refuses to save them unless they are packed."""
+    unet = make_unet()
+    inject_lora(unet, UNET_CONV, rank=4)
+    randomize_lora(unet, 1)
+    unet.to(memory_format=torch.channels_last)
+    save_lora_weights(tmp_path, unet=unet)
+    fresh = make_unet()
+    load_lora_weights(tmp_path, unet=fresh)
+    for name, layer in lora_layers(unet).items():
+        loaded = lora_layers(fresh)[name]
+        assert torch.equal(loaded.lora_A.weight, layer.lora_A.weight), name
+        assert torch.equal(loaded.lora_B.weight, layer.lora_B.weight), name
+    expected = run_unet(unet, unet_inputs)  # channels_last: another convolution algorithm, other roundings
+    torch.testing.assert_close(run_unet(fresh, unet_inputs), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_a_file_without_metadata_means_alpha_equals_rank_here_and_in_diffusers(
