@@ -111,8 +111,15 @@ def resize_lora(
         raise ValueError(f"rank must be a positive integer, got {rank}")
     state, report = {}, {}
     for stem, (a, b, alpha) in split_layers(state_dict, metadata).items():
-        a, b = a.float(), b.float() * (alpha / a.shape[0])  # fold the scaling in: ΔW = B' A
+        # A convolution's factors, A: (r, d_in, kh, kw) and B: (d_out, r, 1, 1), are the matrices
+        # (r, d_in·kh·kw) and (d_out, r); resized as those, they take their shapes back after.
+        if b.dim() == 4 and b.shape[2:] != (1, 1):
+            raise ValueError(f"{stem}: lora_B is {tuple(b.shape)}; only a 1x1 lora_B can be resized")
+        a_shape, b_shape = a.shape, b.shape
+        a = a.float().flatten(1)
+        b = b.float().flatten(1) * (alpha / a.shape[0])  # fold the scaling in: ΔW = B' A
         new_b, new_a = _factors(*_svd_of_product(b, a), rank)
-        state[f"{stem}.lora_A.weight"], state[f"{stem}.lora_B.weight"] = new_a, new_b
+        state[f"{stem}.lora_A.weight"] = new_a.view(rank, *a_shape[1:])
+        state[f"{stem}.lora_B.weight"] = new_b.view(b_shape[0], rank, *b_shape[2:])
         report[stem] = _relative_error(b @ a, new_b, new_a)
     return state, report

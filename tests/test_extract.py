@@ -3,15 +3,23 @@ import copy
 import pytest
 import safetensors.torch
 import torch
-from conftest import make_text_encoder, make_unet
+from conftest import make_text_encoder, make_unet, randomize_lora
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from lora_nb.convert import metadata_for
 from lora_nb.extract import extract_lora, resize_lora
-from lora_nb.formats import load_lora_state_dict, load_lora_weights, read_lora, save_lora_weights
+from lora_nb.formats import (
+    load_lora_state_dict,
+    load_lora_weights,
+    lora_state_dict,
+    read_lora,
+    save_lora_weights,
+)
 from lora_nb.inject import (
     TEXT_ENCODER_ATTENTION,
     UNET_ATTENTION,
+    UNET_CONV,
     UNET_FEED_FORWARD,
     find_targets,
     inject_lora,
@@ -187,6 +195,30 @@ def test_round_trip_at_full_rank_honours_alpha(tmp_path, mixed, unet_inputs, tok
     plain = make_unet()
     load_lora_state_dict(plain, ignored, prefix="unet")
     assert not torch.allclose(run(plain, unet_inputs), expected[0], atol=1e-3)
+
+
+def test_a_conv_layer_is_resized_in_its_kernel_shape(unet_inputs):
+    """LoCon files (kohya's, ours) hold A: (r, d_in, kh, kw) and B: (d_out, r, 1, 1); resizing (and mix_loras
+    with rank=) treats them as the matrices (r, d_in·kh·kw) and (d_out, r) and gives them their shape back."""
+    unet = make_unet()
+    inject_lora(unet, UNET_CONV, rank=4, alpha=8)
+    randomize_lora(unet, 3)
+    expected = run(unet, unet_inputs)
+    state, report = resize_lora(
+        lora_state_dict(unet),
+        rank=4,
+        metadata=metadata_for({f"unet.{name}": (4, 8.0) for name in lora_layers(unet)}),
+    )
+    assert max(report.values()) < 1e-5  # the same rank: nothing dropped
+    conv = "unet.down_blocks.0.resnets.0.conv1"
+    assert state[f"{conv}.lora_A.weight"].shape == lora_layers(unet)[conv[5:]].lora_A.weight.shape
+    assert state[f"{conv}.lora_B.weight"].shape[2:] == (1, 1)
+    fresh = make_unet()
+    load_lora_state_dict(fresh, state, prefix="unet")
+    torch.testing.assert_close(run(fresh, unet_inputs), expected, atol=ATOL, rtol=RTOL)
+
+    smaller, report = resize_lora(state, rank=2)
+    assert smaller[f"{conv}.lora_A.weight"].shape[0] == 2 and max(report.values()) > 0
 
 
 def test_resize_names_bad_keys():
