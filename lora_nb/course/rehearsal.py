@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..inject import TARGET_SETS
 from ..sizes import CONFIG_DIR
 from .prefetch import NARUTO, PIPELINE_PATTERNS, SD15
 
@@ -645,8 +646,8 @@ CPU_OVERRIDES = {
     "heldout_repeats": 1,  # T4: 4
     "timing_repeats": 1,  # 3
     "expect_learning": False,  # 04 and 06 check that training learned the subject: two steps cannot
-    # 05, T4: every target set at ranks 1, 4, 16 and 64 (16 runs); here each target set once
-    "ranks": {"attention": [4], "cross-attention": [4], "attention+ff": [4], "attention+text encoder": [4]},
+    # 05, T4: every target set at ranks 1, 4, 16 and 64 (20 runs); here each target set once
+    "ranks": {name: [4] for name in TARGET_SETS},
 }
 
 
