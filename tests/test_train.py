@@ -15,6 +15,7 @@ import torch
 from lora_nb.course.tiny import TINY_SD_PATH
 from lora_nb.data import CaptionedImages, DataError
 from lora_nb.formats import WEIGHT_NAME, read_lora
+from lora_nb.inject import UNET_ATTENTION, UNET_CONV
 from lora_nb.train import TrainConfig, TrainingDiverged, config_from_args, train
 
 train_module = importlib.import_module("lora_nb.train")  # the module; lora_nb.train is the function
@@ -102,10 +103,12 @@ def test_blog_command_runs_and_both_loaders_load_the_adapter(tmp_path):
     assert abs(images[0] - images[1]).max() < 1e-5
 
 
-def test_resume_gives_the_uninterrupted_adapter(tmp_path):
+@pytest.mark.parametrize("targets", [UNET_ATTENTION, UNET_ATTENTION + UNET_CONV], ids=["attention", "conv"])
+def test_resume_gives_the_uninterrupted_adapter(tmp_path, targets):
     """Stopped at a checkpoint and resumed, the run ends on the same adapter, bit for bit, in the same
-    file."""
+    file; with convolutions too, whose 4-D factors and AdamW moments go through the checkpoint."""
     settings = {
+        "target_modules": targets,
         "max_train_steps": 6,
         "checkpointing_steps": 3,
         "random_flip": True,
