@@ -204,7 +204,8 @@ def test_variants_figure_puts_each_variant_at_its_cost_and_loss():
     assert [list(line.get_xdata()) for line in left.lines[:2]] == [[100], [120]]
     assert [list(line.get_xdata()) for line in right.lines[:2]] == [[10.0], [15.0]]  # milliseconds
     assert [list(line.get_ydata()) for line in right.lines[:2]] == [[0.28], [0.27]]
-    assert sorted(t.get_text() for t in left.texts) == ["DoRA", "LoRA"]
+    (legend,) = left.figure.legends  # one for both panels: each variant by name, and the base model
+    assert [t.get_text() for t in legend.get_texts()] == ["LoRA", "DoRA", "base model (no adapter)"]
     assert list(left.lines[2].get_ydata()) == [0.30, 0.30]  # the base model
 
 

@@ -8,6 +8,7 @@ expression of a cell -- it renders itself as a PNG -- and keeps it with `save_fi
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -339,32 +340,37 @@ def fitting_figure(
 
 
 def variants_figure(rows: Sequence[Mapping], title: str | None = None) -> Figure:
-    """Held-out loss against trainable parameters (left) and against time per step (right), one labelled
-    point per LoRA variant of a sweep (`run_sweep(..., variants=...)`'s rows); the base model dashed."""
+    """Held-out loss against trainable parameters (left) and against time per step (right), one point per
+    LoRA variant of a sweep (`run_sweep(..., variants=...)`'s rows), named in the legend; the base model
+    dashed."""
     runs = [r for r in rows if r["method"] == "lora"]
     base = next((r["heldout_loss"] for r in rows if r["method"] == "base"), None)
-    fig = CourseFigure(figsize=(9, 3.8), layout="constrained")
+    fig = CourseFigure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (key, label, scale) in zip(
         axes,
         (("params", "trainable parameters", 1), ("step_seconds", "time per training step (ms)", 1e3)),
         strict=True,
     ):
-        for i, (r, colour) in enumerate(zip(runs, _colours(len(runs)), strict=True)):
-            ax.plot([r[key] * scale], [r["heldout_loss"]], marker="o", color=colour, linestyle="none")
-            ax.annotate(  # staggered: variants that cost and reach the same would print over each other
-                r["variant"],
-                (r[key] * scale, r["heldout_loss"]),
-                textcoords="offset points",
-                xytext=(5, 3 - 9 * (i % 3)),
+        # a legend, not labels at the points: variants that cost and reach about the same sit on top of
+        # each other, and so would their labels; colour and marker tell them apart
+        for r, colour, marker in zip(runs, _colours(len(runs)), itertools.cycle("os^Dv<>P"), strict=False):
+            ax.plot(
+                [r[key] * scale],
+                [r["heldout_loss"]],
+                marker=marker,
+                markersize=8,
                 color=colour,
+                linestyle="none",
+                alpha=0.85,
+                label=r["variant"],
             )
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", linewidth=1.2, label="base model (no adapter)")
         ax.set(xlabel=label)
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="held-out denoising loss")
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     fig.suptitle(title or "the variants: what they cost, what they reach")
     return fig
 
