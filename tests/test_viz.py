@@ -83,6 +83,16 @@ def test_layer_energy_figure_one_series_per_kind():
     assert len(ax.get_xticks()) <= 30 and "top 4" in ax.get_ylabel()
 
 
+def test_layer_energy_figure_names_each_block_once():
+    layers = [f"block{i // 8}.layer{i % 8}" for i in range(24)]
+    fig = layer_energy_figure(
+        {"dW": np.full(24, 0.9)}, layers, rank=4, blocks=[n.split(".")[0] for n in layers]
+    )
+    (ax,) = fig.axes
+    assert list(ax.get_xticks()) == [0, 8, 16]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["block0", "block1", "block2"]
+
+
 def test_parameter_count_figure_lora_against_dense():
     fig = parameter_count_figure({"to_k": (320, 768)}, ranks=[1, 4, 16])
     (ax,) = fig.axes
@@ -166,7 +176,13 @@ def test_rank_sweep_figure_one_line_per_target_set_with_references():
     assert sorted(t.get_text() for t in ax.texts) == ["r1", "r16", "r4", "r4"]
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "held-out denoising loss"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["attention", "cross-attention", "base model (no adapter)", "attention (full fine-tune)"]
+    assert labels == [
+        "attention",
+        "cross-attention",
+        "base model (no adapter)",
+        "attention (full fine-tune)",
+        "the full fine-tune's loss",
+    ]
 
 
 def test_rank_sweep_figure_other_x():
@@ -178,13 +194,14 @@ def test_rank_sweep_figure_other_x():
 def test_size_bars_figure_grouped_bars_labels_and_references():
     fig = size_bars_figure(
         ["a", "b", "c"],
-        {"fp32": [4.0, 40.0, 400.0], "fp16": [2.0, 20.0, 200.0]},
+        {"fp32": [4.0, 40.0, 1480.0], "fp16": [2.0, 20.0, 740.0]},
         unit="kB",
         references={"UNet": 6750.0},
     )
     (ax,) = fig.axes
-    assert [p.get_height() for p in ax.patches] == pytest.approx([4, 40, 400, 2, 20, 200])
-    assert [t.get_text() for t in ax.texts] == ["4", "40", "400", "2", "20", "200"]  # each bar's value
+    assert [p.get_height() for p in ax.patches] == pytest.approx([4, 40, 1480, 2, 20, 740])
+    # each bar's value, and plainly: "1,480", not "1.48e+03"
+    assert [t.get_text() for t in ax.texts] == ["4", "40", "1,480", "2", "20", "740"]
     assert list(ax.lines[0].get_ydata()) == [6750.0, 6750.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert ax.get_yscale() == "log" and ax.get_ylabel() == "kB"

@@ -119,24 +119,35 @@ def reconstruction_error_figure(
 
 
 def layer_energy_figure(
-    shares: Mapping[str, Sequence[float]], layers: Sequence[str], rank: int, title: str | None = None
+    shares: Mapping[str, Sequence[float]],
+    layers: Sequence[str],
+    rank: int,
+    title: str | None = None,
+    blocks: Sequence[str] | None = None,
 ) -> Figure:
     """For every layer (x), the energy share of the top `rank` singular values (y), one series per matrix
-    kind."""
+    kind. With `blocks` (a label per layer, e.g. its attention block), the axis names each block once, at
+    its first layer, and a faint line separates the blocks: dozens of full layer names cannot be read."""
     fig = CourseFigure(figsize=(max(6.0, 0.12 * len(layers)), 3.8), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(layers))
     for (label, values), marker in zip(shares.items(), "os^vDx*", strict=False):
         ax.plot(x, _numpy(values), linestyle="none", marker=marker, markersize=4, label=label)
-    step = max(1, len(layers) // 24)  # at most ~24 names on the axis
-    ax.set_xticks(x[::step], list(layers)[::step], rotation=90, fontsize=6)
+    if blocks is None:
+        step = max(1, len(layers) // 24)  # at most ~24 names on the axis
+        ax.set_xticks(x[::step], list(layers)[::step], rotation=90, fontsize=6)
+    else:
+        starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
+        ax.set_xticks(starts, [blocks[i] for i in starts], rotation=45, ha="right", fontsize=8)
+        for i in starts[1:]:
+            ax.axvline(i - 0.5, color="gray", linewidth=0.6, alpha=0.5)
     ax.set(
         ylabel=f"energy share of the top {rank}",
         ylim=(0, 1.02),
         title=title or f"rank-{rank} energy per layer",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=8)
     return fig
 
 
@@ -268,7 +279,13 @@ def rank_sweep_figure(rows: Sequence[Mapping], x: str = "params", title: str | N
                 linestyle="none",
                 label=r["targets"],
             )
-            ax.axhline(r["heldout_loss"], color="black", linestyle=":", linewidth=1)
+            ax.axhline(
+                r["heldout_loss"],
+                color="black",
+                linestyle=":",
+                linewidth=1,
+                label="the full fine-tune's loss",
+            )
         elif r["method"] == "base":
             ax.axhline(
                 r["heldout_loss"],
@@ -307,7 +324,8 @@ def size_bars_figure(
     width = 0.8 / max(1, len(sizes))
     for i, ((name, values), colour) in enumerate(zip(sizes.items(), _colours(len(sizes)), strict=True)):
         bars = ax.bar(x + (i - (len(sizes) - 1) / 2) * width, _numpy(values), width, color=colour, label=name)
-        ax.bar_label(bars, fmt="{:.3g}", fontsize=6, padding=1)
+        # three significant digits, but "1,480" rather than "1.48e+03"
+        ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}", fontsize=6, padding=1)
     for (name, value), colour in zip(
         (references or {}).items(), _colours(len(references or {}))[::-1], strict=True
     ):
