@@ -388,6 +388,7 @@ def run_floor(setup: StepSetup, workdir: Path) -> Run:
 
     from lora_nb.data import ImageTransform, load_captioned_dataset, tokenize
     from lora_nb.inject import UNET_ATTENTION, inject_lora, lora_parameters
+    from lora_nb.train import FUSED_ADAMW_DEVICES
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where accelerate puts the others
@@ -416,8 +417,9 @@ def run_floor(setup: StepSetup, workdir: Path) -> Run:
     inject_lora(unet, UNET_ATTENTION, rank=setup.rank)
     unet.train()
     # the optimiser kernel lora_nb's trainer uses: the floor stays a floor
+    fused = device.type in FUSED_ADAMW_DEVICES
     optimizer = torch.optim.AdamW(
-        lora_parameters(unet), lr=setup.learning_rate, weight_decay=1e-2, fused=device.type in ("cpu", "cuda")
+        lora_parameters(unet), lr=setup.learning_rate, weight_decay=1e-2, fused=fused
     )
     generator = torch.Generator().manual_seed(setup.seed)
     order = torch.randperm(len(latents_pool), generator=generator).to(device)
