@@ -1,10 +1,13 @@
 """The helpers the notebooks share: the trainer's precision rule for drawing, and the subject measures."""
 
+import random
+
 import pytest
 import torch
 from PIL import Image
 
-from lora_nb.course.lesson import device_and_dtype, subject_measures, subject_table
+from lora_nb.course.lesson import device_and_dtype, subject_counts, subject_measures, subject_table
+from lora_nb.course.world import draw_subject_sample, render_parts
 
 ORANGE, BLUE, RED = (255, 128, 0), (0, 0, 255), (255, 0, 0)
 
@@ -71,6 +74,27 @@ def test_subject_measures_fidelity_leakage_and_drift():
 def test_subject_measures_need_the_baseline():
     with pytest.raises(ValueError, match="no 'base' in samples"):
         subject_measures({"learned": ([square(ORANGE)], [square(RED)])}, [square(ORANGE)])
+
+
+def test_subject_counts_ask_each_prompts_images_their_own_question():
+    subject = [draw_subject_sample(seed).image for seed in range(3)]
+    star = {
+        "shape": "star",
+        "size": "large",
+        "position": "center",
+        "outline": None,
+        "outline_colour": "black",
+    }
+    star |= {"mark": None, "mark_colour": "purple", "attachment": None}
+    plain = [
+        render_parts({"paper": "white", "objects": [star | {"colour": c}]}, random.Random(0))
+        for c in ("blue", "orange")
+    ]
+    counts = subject_counts(
+        {"learned": (subject, plain), "leaked": (subject, subject), "swapped": (plain, subject)}
+    )
+    # the subject prompt is asked for the subject, the class prompt for a star that is not the subject
+    assert counts == {"learned": (3, 2), "leaked": (3, 0), "swapped": (0, 0)}
 
 
 def test_subject_table_one_line_per_model_under_its_headers():

@@ -2,13 +2,15 @@
 measure a run's checkpoints.
 
 The device and dtype follow the trainer's own reading of ``mixed_precision``; the scores are notebook 4's
-fidelity, leakage and drift (``lora_nb.course.evaluate``'s measures), which notebook 6 reports too:
+fidelity, leakage and drift (``lora_nb.course.evaluate``'s measures) and its count of the seeds that drew
+the course's subject, which notebook 6 reports too:
 
     device, dtype = device_and_dtype(mixed_precision)
     pipe = load_base_pipeline(base_model, dtype=dtype, device=device)
 
-    rows = subject_measures({"base": (base_subject, base_class), "LoRA": (subject, klass)}, instance_images)
-    print(subject_table(rows))
+    samples = {"base": (base_subject, base_class), "LoRA": (subject, klass)}
+    print(subject_table(subject_measures(samples, instance_images)))
+    counts = subject_counts(samples)  # {"LoRA": (seeds that drew the subject, seeds that drew a plain star)}
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ..formats import load_lora_weights, read_lora
 from ..inference import sample_images
 from ..inject import remove_lora
 from ..train import precision_dtype, training_precision
-from .evaluate import HeldOut, pixel_drift, subject_distance
+from .evaluate import HeldOut, pixel_drift, shows_plain, shows_subject, subject_distance
 
 MEASURES = {  # name: what its value means, as the table's header says it
     "fidelity": "lower: like the subject",
@@ -72,6 +74,16 @@ def subject_measures(
             "leakage": subject_distance(klass, instance_images),
             "drift": pixel_drift(klass, base_class),
         }
+        for name, (subject, klass) in samples.items()
+    }
+
+
+def subject_counts(samples: Mapping[str, tuple[Sequence, Sequence]]) -> dict[str, tuple[int, int]]:
+    """Per model in ``samples`` ({name: (subject prompt's images, class prompt's images)}): how many of the
+    subject prompt's images show the course's subject (``shows_subject``) and how many of the class prompt's
+    show a plain star (``shows_plain``)."""
+    return {
+        name: (sum(map(shows_subject, subject)), sum(map(shows_plain, klass)))
         for name, (subject, klass) in samples.items()
     }
 
